@@ -56,3 +56,15 @@ def pyarrow_filesystem(url: str):
         return pafs.S3FileSystem()
     parsed = urlparse(endpoint)
     return pafs.S3FileSystem(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https")
+
+
+STORAGE_ENV_VARS = ("RAYBIND_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+def worker_env() -> dict[str, str]:
+    """Storage settings of this process, for Ray tasks' `runtime_env={"env_vars": ...}`.
+
+    Ray workers inherit the environment of the moment the cluster started; an endpoint or credentials
+    set later (a test's S3 server, a user's shell) reach them only this way."""
+    return {k: os.environ[k] for k in STORAGE_ENV_VARS if k in os.environ}

@@ -60,7 +60,12 @@ def _run_tasks(cfg: SynthConfig) -> list[dict]:
     import ray
     from tqdm import tqdm
 
+    from pipelines.storage import worker_env
+
+    env = worker_env()
     task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+    if env:
+        task = task.options(runtime_env={"env_vars": env})
     cfg_ref = ray.put(cfg)
     pending = [task.remote(cfg_ref, i) for i in range(cfg.num_shards)]
     results = []
