@@ -1,0 +1,139 @@
+"""One encoder per modality: decoded input -> token sequence (B, N, W) and pooled feature (B, W).
+
+Image and text are open_clip's own towers (`VisionTransformer`, `TextTransformer`) with their output
+projections removed: the shared-space projection heads live in `BindingModel`, one per modality.
+Audio is a ViT over log-mel patches (AST / ImageBind style) built from the same open_clip class with
+a 1-channel, non-square patch grid. Video runs frames through a ViT (its own, or the image tower
+itself), adds learned temporal position embeddings and mixes frames with a small transformer.
+
+Every encoder exposes `encode(x) -> EncoderOutput`, `forward_tokens(x)` and `forward(x)` (pooled), so
+late fusion can use pooled features and early / middle fusion the token sequences.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from open_clip.transformer import LayerNorm, TextTransformer, Transformer, VisionTransformer
+from torch import Tensor, nn
+
+from models.config import ModelConfig, TowerConfig, VideoTowerConfig
+
+
+class EncoderOutput(NamedTuple):
+    tokens: Tensor  # (B, N, width): patch / token / frame sequence after the final norm
+    pooled: Tensor  # (B, width): the summary the projection head maps to the shared space
+
+
+class Encoder(nn.Module):
+    """Common interface; subclasses implement `encode`."""
+
+    width: int
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        raise NotImplementedError
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        return self.encode(x).tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encode(x).pooled
+
+
+class PatchEncoder(Encoder):
+    """A ViT over an image-like input: open_clip's VisionTransformer, CLS-token pooling, no projection.
+
+    `size` may be non-square (audio: mels x frames); `in_channels` 1 for spectrograms, 3 for RGB.
+    """
+
+    def __init__(self, tower: TowerConfig, size: tuple[int, int], in_channels: int = 3):
+        super().__init__()
+        self.width = tower.width
+        self.vit = VisionTransformer(
+            image_size=size, patch_size=tower.patch_size, width=tower.width, layers=tower.layers,
+            heads=tower.heads, mlp_ratio=tower.mlp_ratio, ls_init_value=tower.ls_init_value,
+            output_dim=tower.width, output_tokens=True,
+        )
+        # The shared-space head lives in BindingModel; drop open_clip's own projection.
+        self.vit.proj = None
+        if in_channels != 3:
+            # open_clip hard-codes RGB; a spectrogram is one channel (AST / ImageBind audio).
+            self.vit.conv1 = nn.Conv2d(in_channels, tower.width, kernel_size=tower.patch_size,
+                                       stride=tower.patch_size, bias=False)
+
+    @property
+    def num_tokens(self) -> int:
+        grid_h, grid_w = self.vit.grid_size
+        return grid_h * grid_w
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        pooled, tokens = self.vit(x)
+        return EncoderOutput(tokens=tokens, pooled=pooled)
+
+
+class TextEncoder(Encoder):
+    """open_clip's causal text transformer; pooled at the end-of-text token (the largest token id)."""
+
+    def __init__(self, tower: TowerConfig, context_length: int, vocab_size: int):
+        super().__init__()
+        self.width = tower.width
+        self.transformer = TextTransformer(
+            context_length=context_length, vocab_size=vocab_size, width=tower.width,
+            heads=tower.heads, layers=tower.layers, mlp_ratio=tower.mlp_ratio,
+            ls_init_value=tower.ls_init_value, output_dim=None, output_tokens=True,
+        )
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        pooled, tokens = self.transformer(x)
+        return EncoderOutput(tokens=tokens, pooled=pooled)
+
+
+class VideoEncoder(Encoder):
+    """Frames through a per-frame ViT, then learned temporal positions, a temporal transformer, mean pool.
+
+    Tokens are one per frame (B, T, W): compact enough for fusion modules. When `frame_encoder` is
+    the image tower's module, weights are shared (ImageBind) and gradients from video reach it.
+    """
+
+    def __init__(self, config: VideoTowerConfig, num_frames: int, frame_encoder: PatchEncoder,
+                 frame_tower: TowerConfig):
+        super().__init__()
+        self.frame_encoder = frame_encoder
+        self.width = width = frame_encoder.width
+        self.temporal_embedding = nn.Parameter(torch.randn(num_frames, width) * 0.02)
+        self.temporal = None
+        if config.temporal_layers > 0:
+            self.temporal = Transformer(width, config.temporal_layers, frame_tower.heads,
+                                        mlp_ratio=frame_tower.mlp_ratio, ls_init_value=frame_tower.ls_init_value)
+        self.ln = LayerNorm(width)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        batch, frames = x.shape[:2]
+        per_frame = self.frame_encoder(x.flatten(0, 1))  # (B*T, W)
+        tokens = per_frame.view(batch, frames, -1) + self.temporal_embedding[:frames]
+        if self.temporal is not None:
+            tokens = self.temporal(tokens)
+        tokens = self.ln(tokens)
+        return EncoderOutput(tokens=tokens, pooled=tokens.mean(dim=1))
+
+
+def build_encoders(config: ModelConfig) -> nn.ModuleDict:
+    """One encoder per modality of `config`; video may reuse the image encoder module (shared weights)."""
+    spec = config.inputs
+    encoders = nn.ModuleDict()
+    if config.image is not None:
+        encoders["image"] = PatchEncoder(config.image, (spec.image_size, spec.image_size))
+    if config.text is not None:
+        encoders["text"] = TextEncoder(config.text, spec.context_length, config.vocab_size)
+    if config.audio is not None:
+        size = (spec.audio.n_mels, spec.audio.num_frames)
+        encoders["audio"] = PatchEncoder(config.audio, size, in_channels=1)
+    if config.video is not None:
+        if config.video.share_image_tower:
+            frame_tower, frame_encoder = config.image, encoders["image"]
+        else:
+            frame_tower = config.video.frame
+            frame_encoder = PatchEncoder(frame_tower, (spec.video_size, spec.video_size))
+        encoders["video"] = VideoEncoder(config.video, spec.video_frames, frame_encoder, frame_tower)
+    return encoders

@@ -1,0 +1,90 @@
+"""Encoders: token and pooled shapes for every registered size's tiny twin, and tower sharing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from model_helpers import random_input
+
+from models.config import ModelConfig, TowerConfig, VideoTowerConfig, available_models
+from models.encoders import EncoderOutput, PatchEncoder, TextEncoder, VideoEncoder, build_encoders
+
+B = 2
+
+
+def expected_tokens(config: ModelConfig, modality: str) -> int:
+    spec = config.inputs
+    if modality == "image":
+        return (spec.image_size // config.image.patch_size) ** 2
+    if modality == "text":
+        return spec.context_length
+    if modality == "audio":
+        p = config.audio.patch_size
+        return (spec.audio.n_mels // p) * (spec.audio.num_frames // p)
+    return spec.video_frames
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_twin_encoders_shapes_and_dtypes(name):
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(name).tiny_twin()
+    encoders = build_encoders(config)
+    assert list(encoders) == list(config.modalities)
+    for modality, encoder in encoders.items():
+        x = random_input(config, modality)
+        out = encoder.encode(x)
+        assert isinstance(out, EncoderOutput)
+        assert out.tokens.shape == (B, expected_tokens(config, modality), 32), modality
+        assert out.pooled.shape == (B, 32), modality
+        assert out.tokens.dtype == out.pooled.dtype == torch.float32
+        assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
+        torch.testing.assert_close(encoder(x), out.pooled)
+        torch.testing.assert_close(encoder.forward_tokens(x), out.tokens)
+
+
+def test_video_shares_the_image_tower_module_when_configured():
+    config = ModelConfig.from_name("tiny").tiny_twin()
+    encoders = build_encoders(config)
+    assert encoders["video"].frame_encoder is encoders["image"]
+
+    own = dataclasses.replace(config, video=VideoTowerConfig(
+        share_image_tower=False, frame=TowerConfig(width=48, layers=1, heads=2, patch_size=16)))
+    encoders = build_encoders(own)
+    assert encoders["video"].frame_encoder is not encoders["image"]
+    assert encoders["video"].width == 48
+    assert encoders["video"].encode(random_input(own, "video")).pooled.shape == (B, 48)
+
+
+def test_audio_patches_are_single_channel_and_non_square():
+    config = ModelConfig.from_name("tiny").tiny_twin()
+    audio = build_encoders(config)["audio"]
+    assert isinstance(audio, PatchEncoder)
+    assert audio.vit.conv1.in_channels == 1
+    spec, p = config.inputs.audio, config.audio.patch_size
+    assert audio.vit.grid_size == (spec.n_mels // p, spec.num_frames // p)
+    assert audio.vit.proj is None  # the shared-space projection lives in BindingModel
+
+
+def test_text_pools_at_the_end_of_text_token():
+    config = ModelConfig.from_name("tiny").tiny_twin()
+    text = build_encoders(config)["text"]
+    assert isinstance(text, TextEncoder)
+    tokens = torch.zeros(3, config.inputs.context_length, dtype=torch.long)
+    eot = [4, 9, 31]
+    for row, pos in enumerate(eot):
+        tokens[row, 1:pos] = 100 + row
+        tokens[row, pos] = 49407  # open_clip's <end_of_text> has the largest id
+    out = text.encode(tokens)
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(3), torch.tensor(eot)])
+
+
+def test_video_frame_order_matters():
+    """Temporal position embeddings make the video encoder order-aware (a reversed clip differs)."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny").tiny_twin()
+    video = build_encoders(config)["video"]
+    assert isinstance(video, VideoEncoder)
+    x = random_input(config, "video")
+    assert not torch.allclose(video(x), video(x.flip(1)), atol=1e-5)
