@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from models.encoders import Encoder, build_encoders
 from models.spec import MODALITIES
+
+if TYPE_CHECKING:
+    from models.encoders import Encoder
 
 
 @dataclass
@@ -54,6 +57,10 @@ class BindingModel(nn.Module):
     """Encoders + projection heads + a shared temperature (and optional SigLIP bias)."""
 
     def __init__(self, config: ModelConfig):
+        # Deferred: importing open_clip takes seconds; processes that only need BindingOutput or the
+        # losses (e.g. distributed loss workers) should not pay for it.
+        from models.encoders import build_encoders
+
         super().__init__()
         self.config = config
         self.encoders: nn.ModuleDict = build_encoders(config)

@@ -20,15 +20,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import _functional_collectives as funcol
 
-from models.binding import BindingOutput
 from models.spec import MODALITIES
+
+if TYPE_CHECKING:  # only attributes are read: any object with BindingOutput's fields works
+    from models.binding import BindingOutput
 
 KINDS = ("infonce", "siglip")
 ANCHORS = ("all",) + MODALITIES
@@ -79,6 +82,8 @@ class ContrastiveLoss(nn.Module):
                 rank: int = 0, world_size: int = 1) -> LossOutput:
         local = output.embeddings
         masks = _resolve_masks(local, output.masks if masks is None else masks)
+        if world_size > 1 and dist.get_rank() != rank:
+            raise ValueError(f"rank {rank} does not match the process group's rank {dist.get_rank()}")
         glob, glob_masks = (local, masks) if world_size == 1 else _gather(local, masks, world_size)
         batch = next(iter(local.values())).shape[0] if local else 0
         terms, weights, counts = {}, {}, {}
@@ -101,13 +106,18 @@ class ContrastiveLoss(nn.Module):
                   labels: Tensor, output: BindingOutput) -> Tensor:
         """Loss summed over this rank's valid rows (not yet divided by the global count)."""
         scale = output.logit_scale
-        logits_ab = scale * rows_a.float() @ cols_b.float().T  # local a vs global b
+        logits_ab = scale * _upcast(rows_a) @ _upcast(cols_b).T  # local a vs global b
         if self.kind == "siglip":
             return _siglip_sum(logits_ab, labels, output.logit_bias)
-        logits_ba = scale * rows_b.float() @ cols_a.float().T  # local b vs global a
+        logits_ba = scale * _upcast(rows_b) @ _upcast(cols_a).T  # local b vs global a
         ce_ab = F.cross_entropy(logits_ab, labels, reduction="sum")
         ce_ba = F.cross_entropy(logits_ba, labels, reduction="sum")
         return (ce_ab + ce_ba) / 2
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Logits in at least float32: bf16 / fp16 embeddings lose too much in exp / log-sum-exp."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _siglip_sum(logits: Tensor, labels: Tensor, bias: Tensor | None) -> Tensor:
@@ -140,12 +150,15 @@ def _gather(embeddings: dict[str, Tensor], masks: dict[str, Tensor], world_size:
             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """All ranks' embeddings (with gradients, one collective) and masks (without), in rank order."""
     names = list(embeddings)
+    group = dist.group.WORLD
     flat = torch.cat([embeddings[m] for m in names], dim=1)  # (B, M * D): one gather for all modalities
-    all_flat = torch.cat(dist_fn.all_gather(flat), dim=0)
+    # Differentiable all-gather (torch's replacement for torch.distributed.nn.all_gather): its backward
+    # reduce-scatters, i.e. sums every rank's gradient for these rows back onto the owning rank.
+    all_flat = funcol.all_gather_single(flat, 0, group)
     stacked = torch.stack([masks[m] for m in names], dim=1).to(torch.uint8)  # gloo has no bool gather
-    gathered = [torch.empty_like(stacked) for _ in range(world_size)]
-    dist.all_gather(gathered, stacked)
-    all_masks = torch.cat(gathered, dim=0).bool()
+    all_masks = funcol.all_gather_single(stacked, 0, group).bool()
+    if all_masks.shape[0] != world_size * stacked.shape[0]:
+        raise ValueError(f"world_size {world_size} does not match the process group ({dist.get_world_size()})")
     chunks = all_flat.split([embeddings[m].shape[1] for m in names], dim=1)
     return dict(zip(names, chunks, strict=True)), {m: all_masks[:, i] for i, m in enumerate(names)}
 
