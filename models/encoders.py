@@ -22,7 +22,7 @@ from models.config import ModelConfig, TowerConfig, VideoTowerConfig
 
 
 class EncoderOutput(NamedTuple):
-    tokens: Tensor  # (B, N, width): patch / token / frame sequence after the final norm
+    tokens: Tensor  # (B, N, width) after the final norm: patch tokens (no CLS), text tokens, or one per frame
     pooled: Tensor  # (B, width): the summary the projection head maps to the shared space
 
 

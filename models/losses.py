@@ -42,6 +42,9 @@ class LossOutput:
     """total: weighted mean of the contributing pair terms (a scalar with a graph, also when none do).
     per_pair: "a-b" -> the pair's term, for each contributing pair (canonical names, e.g. "image-text").
     pair_counts: "a-b" -> samples holding both modalities in the whole batch, for every pair considered.
+
+    With world_size > 1, `total` and `per_pair` are this rank's share (their mean over ranks is the
+    loss of the global batch): all-reduce-average them before logging a global figure.
     """
 
     total: Tensor

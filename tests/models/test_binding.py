@@ -152,11 +152,11 @@ def test_split_batch_takes_modalities_and_masks():
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = BindingModel(twin())
-    inputs = batch_for(model.config, ("image", "text", "audio"), batch=8)
+    inputs = batch_for(model.config, ("image", "audio"), batch=8)
     loss_fn = ContrastiveLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(10):
         loss = loss_fn(model(inputs)).total
         opt.zero_grad()
         loss.backward()

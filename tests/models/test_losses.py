@@ -210,8 +210,8 @@ def _spawn_ranks(tmp_path: Path, data: dict[str, torch.Tensor], anchor: str) -> 
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("anchor", ["all"])
-def test_distributed_loss_equals_single_process_on_concatenated_batch(tmp_path, anchor):
+def test_distributed_loss_equals_single_process_on_concatenated_batch(tmp_path):
+    anchor = "all"
     data = _global_batch()
     ranks = _spawn_ranks(tmp_path, data, anchor)
     for kind in ("infonce", "siglip"):
@@ -225,10 +225,9 @@ def test_distributed_loss_equals_single_process_on_concatenated_batch(tmp_path, 
             torch.testing.assert_close(mean, single[key], rtol=1e-5, atol=1e-6, msg=f"{kind} {key}")
         # Gradients w.r.t. each rank's inputs: the gather's backward sums over ranks, so after DDP's
         # averaging (divide by world size) they equal the single-process gradients of that slice.
-        local = data["image"].shape[0] // WORLD
         for m in ("image", "text", "audio", "video"):
             got = torch.cat([r[f"{kind}.grad.{m}"] for r in ranks]) / WORLD
             torch.testing.assert_close(got, single[f"grad.{m}"], rtol=1e-4, atol=1e-6, msg=f"{kind} grad {m}")
-            assert got.abs().sum() > 0 and local == 6
+            assert got.abs().sum() > 0
         scale_grad = sum(r[f"{kind}.grad.log_scale"] for r in ranks) / WORLD  # a replicated parameter
         torch.testing.assert_close(scale_grad, single["grad.log_scale"], rtol=1e-4, atol=1e-6)
