@@ -27,6 +27,7 @@ class Job:
     config_cls: type
     run: Callable[[Any], dict]
     default_config: str | None = None  # a file under configs/
+    config_dir: str | None = None  # a folder under configs/ whose YAML files all configure this job
 
 
 def _repo_configs() -> Path:

@@ -20,14 +20,33 @@ def _demo(cfg):
     return run_demo(cfg)
 
 
+def _pretrain(cfg):
+    from pipelines.pretrain import run_pretrain
+
+    return run_pretrain(cfg)
+
+
+def _evaluate(cfg):
+    from pipelines.evaluate import run_evaluate
+
+    return run_evaluate(cfg)
+
+
 def jobs() -> dict[str, list[Job]]:
     from pipelines.demo import DemoConfig
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.pretrain import PretrainConfig
     from pipelines.synth import SynthConfig
 
     return {
         "": [
             Job("demo", "the main job on embedded defaults: synth ShapesWorld shards, read them back, "
-                "report stats (later: pretrain, evaluate, register)", DemoConfig, _demo, "demo.yaml"),
+                "pretrain the tiny model on 2 CPU workers, evaluate, register", DemoConfig, _demo, "demo.yaml"),
+            Job("pretrain", "contrastive pretraining on Ray Train (resume: same train.run_name), "
+                "tracked in MLflow, evaluated and registered", PretrainConfig, _pretrain,
+                "pretrain/tiny.yaml", config_dir="pretrain"),
+            Job("evaluate", "retrieval R@K both ways for every modality pair and zero-shot accuracy per "
+                "attribute, with plots, logged to MLflow", EvaluateConfig, _evaluate),
         ],
         "data": [
             Job("synth", "write ShapesWorld synthetic shards (image, text, audio, video) to a folder or "

@@ -9,6 +9,7 @@ Why the environment variables (measured on Ray 2.60, see docs/architecture.md):
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from pipelines import workspace
@@ -19,11 +20,24 @@ LOOPBACK_ENV = {
 }
 
 
+MAX_TMPDIR_CHARS = 40  # Ray puts AF_UNIX sockets ~65 characters below it; Linux allows 107
+
+
+def ray_tmpdir() -> str:
+    """`.raybind/ray`, or a short /tmp folder named after it when that path is too long for sockets."""
+    path = str(workspace.subdir("ray"))
+    if len(path) <= MAX_TMPDIR_CHARS:
+        return path
+    short = f"/tmp/raybind-{hashlib.sha256(path.encode()).hexdigest()[:10]}"
+    os.makedirs(short, exist_ok=True)
+    return short
+
+
 def apply_local_env() -> None:
     """Set the loopback / no-telemetry variables for this process and the workers it starts."""
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_TMPDIR", str(workspace.subdir("ray")))
+    os.environ.setdefault("RAY_TMPDIR", ray_tmpdir())
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:

@@ -78,6 +78,8 @@ def shipped_configs():
         for job in group:
             if job.default_config:
                 by_file[job.default_config] = job.config_cls
+            if job.config_dir:
+                by_file[job.config_dir + "/*"] = job.config_cls
     return by_file
 
 

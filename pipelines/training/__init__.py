@@ -1,0 +1,1 @@
+"""One Ray Train loop for every objective: a Task (model + loss + batch keys) plugs into it."""

@@ -1,0 +1,121 @@
+"""The training data stream: shards -> a multi-epoch Ray Dataset that starts at the data position
+of the run's latest checkpoint.
+
+Ray Train (v2) calls a callable passed in `datasets=` each time it starts a worker group, so
+`TrainStream` is called again after a worker failure and on a resumed run: it reads the newest
+checkpoint's `state.json` from the run's storage and skips the samples already consumed. Epoch e
+has its own shard order and shuffle (seed, e), so the stream is the same on every run and a resumed
+run repeats or skips at most what was in flight since the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pipelines import storage
+from pipelines.config import require
+from pipelines.training.state import STATE_FILE
+
+CHECKPOINT_PREFIX = "checkpoint_step_"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # shards: folder, glob, brace pattern, manifest or s3:// ("" = .raybind/data/shapesworld)
+    eval: str = ""  # held-out shards ("" = the train location, read with eval.split)
+    train_split: str = "train"
+    modalities: tuple[str, ...] = ("image", "text", "audio", "video")
+    seed: int = 0
+    shuffle_window: int = 256
+    max_failure_fraction: float = 0.05
+    samples_per_block: int = 32
+    read_cpus: float = 1.0  # CPUs per read/decode task
+
+    def __post_init__(self):
+        require(0 <= self.max_failure_fraction <= 1, "max_failure_fraction", "must be in [0, 1]")
+        require(self.read_cpus > 0, "read_cpus", "must be > 0")
+
+
+@dataclass
+class DataPlan:
+    """Resolved locations and the reader's skip counters."""
+
+    train_urls: str
+    eval_urls: str
+    shard_urls: list[str]
+    manifest: str | None
+    samples_per_epoch: int
+    stats: object = field(default=None, repr=False)  # pipelines.reader.ReadStats
+
+    def skip_counts(self) -> dict[str, float]:
+        if self.stats is None:
+            return {}
+        snapshot = self.stats.snapshot()
+        return {k: float(v) for k, v in snapshot.get("skipped", {}).items()}
+
+
+def resolve_data(cfg: DataConfig) -> DataPlan:
+    """Check the shards exist and count them, before any worker starts."""
+    from pipelines import workspace
+    from pipelines.shard_source import resolve_shards
+
+    train = cfg.train or str(workspace.home() / "data" / "shapesworld")
+    shards = resolve_shards(train)
+    if not shards:
+        raise FileNotFoundError(f"data.train: no shards found at {train}")
+    per_split = [s.count_for(cfg.train_split) for s in shards]
+    if any(c is None for c in per_split):
+        raise ValueError(f"data.train: {train} has no manifest.json / sizes.json with per-split counts; "
+                         "write one (raybind data synth / data build do) so the stream can be sized and resumed")
+    manifest = storage.join(train, "manifest.json") if not train.endswith((".tar", ".json", "}")) else None
+    return DataPlan(train_urls=train, eval_urls=cfg.eval or train, shard_urls=[s.url for s in shards],
+                    manifest=manifest, samples_per_epoch=int(sum(per_split)))
+
+
+def latest_position(run_dir: str) -> int:
+    """Samples consumed at the newest checkpoint under `run_dir` (0 if there is none)."""
+    fs, path = storage.filesystem(run_dir)
+    if not fs.exists(path):
+        return 0
+    steps = sorted((p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)),
+                   reverse=True)
+    for ckpt in steps:
+        try:
+            return int(json.loads(fs.cat(f"{ckpt}/{STATE_FILE}"))["samples_seen"])
+        except (FileNotFoundError, KeyError, ValueError):
+            continue  # an incomplete checkpoint: try the one before
+    return 0
+
+
+@dataclass(frozen=True)
+class TrainStream:
+    """Callable building the training Dataset from the run's current data position."""
+
+    data: DataPlan
+    config: DataConfig
+    spec_dict: dict
+    run_dir: str
+    samples_needed: int  # for the whole run, from step 0
+
+    def reader_config(self):
+        from pipelines.reader import ReaderConfig
+
+        c = self.config
+        return ReaderConfig(modalities=c.modalities, split=c.train_split, seed=c.seed,
+                            shuffle_window=c.shuffle_window, max_failure_fraction=c.max_failure_fraction,
+                            samples_per_block=c.samples_per_block, num_cpus_per_task=c.read_cpus)
+
+    def __call__(self):
+        from models.spec import InputSpec
+        from pipelines.reader import read_shards
+
+        position = latest_position(self.run_dir)
+        per_epoch = max(1, self.data.samples_per_epoch)
+        epoch, offset = divmod(position, per_epoch)
+        remaining = max(per_epoch, self.samples_needed - position + per_epoch)
+        epochs = -(-(offset + remaining) // per_epoch)
+        print(f"[raybind] data stream from epoch {epoch} sample {offset} ({position} consumed), {epochs} epoch(s)")
+        return read_shards(self.data.train_urls, config=self.reader_config(),
+                           spec=InputSpec.from_dict(self.spec_dict), epoch=epoch, skip_samples=offset,
+                           epochs=epochs, stats=self.data.stats)
