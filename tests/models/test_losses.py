@@ -163,8 +163,8 @@ def _free_port() -> int:
 
 
 def _global_batch(n: int = 12) -> dict[str, torch.Tensor]:
-    """Masks chosen so the ranks hold different numbers of valid samples per pair (rank 1 has no
-    valid image-audio sample at all) and audio-video has a single valid sample (skipped)."""
+    """Masks chosen so the ranks hold different numbers of valid samples per pair (rank 0 has no
+    valid image-video sample at all) and audio-video has a single valid sample (skipped)."""
     gen = torch.Generator().manual_seed(1)
     masks = {
         "image": [1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1],
