@@ -1,0 +1,155 @@
+"""The streaming multimodal reader: tar shards (local or S3) -> a Ray Data Dataset of decoded batches.
+
+    stats = ReadStats()
+    ds = read_shards("s3://bucket/shapesworld", split="train", config=ReaderConfig(seed=1),
+                     spec=model_spec, epoch=3, stats=stats)
+    for batch in to_torch_batches(ds, batch_size=64): ...
+    stats.snapshot()  # good / skipped per reason, per modality, while or after iterating
+
+Rows follow docs/architecture.md "Decoded batch": one array per requested modality (shaped by the
+`InputSpec`), `<modality>_mask`, `key`, `caption`, and the requested `.json` label fields.
+
+Order: shards are permuted by (seed, epoch) (or kept in name order), samples inside a shard are
+shuffled in a window of `shuffle_window` by (seed, epoch, shard name); with `preserve_order` (the
+default) the row order is the same on every run with the same seed and epoch.
+`skip_samples=N` resumes an epoch after its first N samples (positions in that order, counted before
+decode failures): whole shards are dropped by their counts from manifest.json / sizes.json, and the
+first remaining shard skips the rest without decoding.
+Splits: `split_by="field"` keeps samples whose .json `split` matches; `split_by="shard"` assigns whole
+shards to splits by `shard_split_fractions` in name order.
+Skips are counted per reason by a `ReadStats` actor (see pipelines/read_stats.py); exceeding
+`max_failure_fraction` stops the data set with `ReaderError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from models.decode import DecodeLimits
+from models.spec import MODALITIES, InputSpec
+from pipelines.config import require
+from pipelines.read_stats import ReaderError, ReadStats
+from pipelines.shard_source import order_shards, plan_skip, resolve_shards, shard_seed, shards_of_split
+
+__all__ = ["ReaderConfig", "ReaderError", "ReadStats", "read_shards", "to_torch_batches", "TorchCollate"]
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    modalities: tuple[str, ...] = MODALITIES
+    split: str | None = None  # None = every sample
+    split_by: Literal["field", "shard"] = "field"
+    shard_split_fractions: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    seed: int = 0
+    shuffle_shards: bool = True
+    shuffle_window: int = 256  # samples; 0 or 1 = file order inside a shard
+    samples_per_block: int = 32  # rows per Arrow block (~0.55 MB each with all four modalities)
+    preserve_order: bool = True  # deterministic row order (a slow shard delays the ones behind it)
+    label_fields: tuple[str, ...] = ()  # .json fields to keep as string columns
+    on_error: Literal["skip_sample", "drop_modality"] = "skip_sample"
+    max_failure_fraction: float = 0.05
+    min_samples_for_failure_check: int = 200  # before all shards finish, judge only after this many
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    num_cpus_per_task: float = 1.0  # per read/decode task
+    max_concurrency: int | None = None  # read tasks at once (None: as many as free CPUs allow)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.modalities) - set(MODALITIES))
+        require(bool(self.modalities) and not unknown, "modalities",
+                f"choose from {', '.join(MODALITIES)}; got {list(self.modalities)}")
+        require(self.shuffle_window >= 0, "shuffle_window", "must be >= 0")
+        require(self.samples_per_block >= 1, "samples_per_block", "must be >= 1")
+        require(0.0 <= self.max_failure_fraction <= 1.0, "max_failure_fraction", "must be in [0, 1]")
+        require(self.num_cpus_per_task > 0, "num_cpus_per_task", "must be > 0")
+        require(all(v >= 0 for v in self.shard_split_fractions.values()) and
+                sum(self.shard_split_fractions.values()) > 0, "shard_split_fractions",
+                "must be >= 0 and sum to > 0")
+        require(self.split is None or self.split_by == "field" or self.split in self.shard_split_fractions,
+                "split", f"{self.split!r} is not in shard_split_fractions")
+
+
+def plan_tasks(urls: str | Sequence[str], cfg: ReaderConfig, epoch: int, skip_samples: int) -> list:
+    """The epoch's read tasks (one per shard, in order), after split-by-shard and skipping."""
+    from pipelines.shard_datasource import ShardTask
+
+    shards = resolve_shards(urls)
+    if cfg.split is not None and cfg.split_by == "shard":
+        shards = shards_of_split(shards, cfg.split, cfg.shard_split_fractions)
+    ordered = order_shards(shards, cfg.seed, epoch, cfg.shuffle_shards)
+    rest, offset = plan_skip(ordered, skip_samples, cfg.split if cfg.split_by == "field" else None)
+    return [ShardTask(s, epoch, tuple(shard_seed(cfg.seed, epoch, s.name)), offset if i == 0 else 0)
+            for i, s in enumerate(rest)]
+
+
+def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = None, split: str | None = None,
+                config: ReaderConfig | None = None, spec: InputSpec | None = None, epoch: int = 0,
+                skip_samples: int = 0, stats: ReadStats | None = None):
+    """Shards -> `ray.data.Dataset` of decoded rows. `modalities` / `split` override `config`.
+
+    Pass your own `stats` (a `ReadStats`) to read the skip counters; without one, counters are still
+    kept (and max_failure_fraction enforced) but only logged."""
+    import ray
+
+    from pipelines import storage
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.shard_datasource import ShardDatasource
+
+    cfg = config or ReaderConfig()
+    if modalities is not None:
+        cfg = dataclasses.replace(cfg, modalities=tuple(modalities))
+    if split is not None:
+        cfg = dataclasses.replace(cfg, split=split)
+    require(skip_samples >= 0, "skip_samples", "must be >= 0")
+    spec = spec or InputSpec()
+    ensure_ray()
+    tasks = plan_tasks(urls, cfg, epoch, skip_samples)
+    stats = stats or ReadStats()
+    stats.plan([(epoch, t.shard.name) for t in tasks], cfg.max_failure_fraction,
+               cfg.min_samples_for_failure_check)
+    remote: dict[str, Any] = {}
+    if any(t.shard.url.startswith("s3://") for t in tasks) and storage.worker_env():
+        remote["runtime_env"] = {"env_vars": storage.worker_env()}  # workers predate a late endpoint
+    ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, stats.actor),
+                                  override_num_blocks=max(1, len(tasks)), num_cpus=cfg.num_cpus_per_task,
+                                  concurrency=cfg.max_concurrency, **remote)
+    ds.context.execution_options.preserve_order = cfg.preserve_order
+    return ds
+
+
+class TorchCollate(NumpyBatchCollateFn):
+    """numpy batch -> {column: torch.Tensor}; string columns (key, caption, labels) stay lists of str,
+    which `iter_torch_batches` cannot turn into tensors."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        for name, column in batch.items():
+            if column.dtype.kind in "OUS":
+                out[name] = [str(v) for v in column]
+            else:
+                # Blocks come zero-copy from the object store (read-only); a trainer may write to
+                # its batch, so copy those (batches that span blocks are fresh arrays already).
+                column = column if column.flags.writeable else column.copy()
+                out[name] = torch.from_numpy(column).to(self.device)
+        return out
+
+
+def to_torch_batches(data, batch_size: int = 32, drop_last: bool = False, device: str = "cpu",
+                     prefetch_batches: int = 2, local_shuffle_buffer_size: int | None = None,
+                     local_shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
+    """Batches of torch tensors (+ lists of str) from a Dataset or a Ray Train DataIterator shard."""
+    return data.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, collate_fn=TorchCollate(device),
+                                   prefetch_batches=prefetch_batches,
+                                   local_shuffle_buffer_size=local_shuffle_buffer_size,
+                                   local_shuffle_seed=local_shuffle_seed)
