@@ -148,7 +148,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                          run_dir=storage.join(store, run_name),
                          samples_needed=cfg.train.steps * cfg.train.batch_size * cfg.train.num_workers
                          * cfg.optim.accum_steps)
-    result = build_trainer(cfg, spec, stream, run_name, store).fit()
+    try:
+        result = build_trainer(cfg, spec, stream, run_name, store).fit()
+    except BaseException:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).set_terminated(run_id, "FAILED")
+        raise
     checkpoint_dir = result.checkpoint.path if result.checkpoint else None
     summary = finish(cfg, run_id, uri, data, checkpoint_dir, result, evaluate_model, register_model)
     summary.update({"job": "pretrain", "run_name": run_name, "storage": storage.join(store, run_name),

@@ -9,6 +9,7 @@ bundled as code, so `mlflow.pyfunc.load_model("models:/NAME@champion")` works an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def register_model(model_dir: str, name: str, run_id: str, tags: dict[str, str] 
 
     from pipelines import mlflow_pyfunc
 
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None
-                          and mlflow.active_run().info.run_id != run_id):
+    active = mlflow.active_run()
+    same_run = active is not None and active.info.run_id == run_id
+    with contextlib.nullcontext() if same_run else mlflow.start_run(run_id=run_id, nested=active is not None):
         signature = mlflow_pyfunc.signature(model_dir)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(mlflow_pyfunc.__file__)), artifacts={"binding": model_dir},

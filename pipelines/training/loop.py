@@ -73,11 +73,11 @@ def batch_stream(spec: LoopSpec, device: torch.device):
     """Endless iterator of torch batches from this worker's dataset shard (stops when data ends)."""
     import ray.train
 
-    from pipelines.reader import torch_batches
+    from pipelines.reader import to_torch_batches
 
     shard = ray.train.get_dataset_shard(spec.dataset)
-    yield from torch_batches(shard, spec.train.batch_size, device=device,
-                             pin_memory=device.type == "cuda")
+    # drop_last: every rank must see equal batch sizes for the gathered contrastive loss.
+    yield from to_torch_batches(shard, spec.train.batch_size, drop_last=True, device=str(device))
 
 
 def next_batch(stream, timing: Timing):
@@ -113,6 +113,16 @@ def train_step(spec: LoopSpec, module, optimizer, scheduler, stream, timing: Tim
     timing.total += time.perf_counter() - start
     timing.steps += 1
     return metrics
+
+
+def mean_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """Each rank's loss terms are its share of the global batch: average them for logging."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return {k: float(v) / world_size for k, v in zip(keys, values, strict=True)}
 
 
 class MetricLogger:
@@ -170,7 +180,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
            "device": ray.train.torch.get_device()}
     set_threads(spec.train)
     torch.manual_seed(spec.train.seed)
-    module = ray.train.torch.prepare_model(spec.task.build())
+    # Towers of modalities that a job does not feed get no gradient: DDP must not wait for them.
+    module = ray.train.torch.prepare_model(spec.task.build(),
+                                           parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = make_optimizer(module, spec.optim)
     scheduler = make_scheduler(optimizer, spec.train.steps, spec.optim)
     state = restore(spec, module, optimizer, scheduler)
@@ -187,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.samples_seen += global_batch
         if state.step % spec.train.log_every == 0 or state.step == spec.train.steps:
-            logger.log(state, metrics, timing, global_batch)
+            logger.log(state, mean_over_ranks(metrics, ctx["world_size"]), timing, global_batch)
             timing.reset()
         if state.step % spec.train.checkpoint_every == 0 or state.step == spec.train.steps:
             save_checkpoint(spec, module, optimizer, scheduler, state, ctx["rank"], metrics)

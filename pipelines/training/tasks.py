@@ -103,6 +103,8 @@ class ContrastiveTask:
         save_model(unwrap(module), directory)
 
     def load_weights(self, module, directory: Path) -> None:
-        from models.checkpoint import load_model
+        from safetensors.torch import load_file
 
-        unwrap(module).load_state_dict(load_model(directory).state_dict())
+        from models.checkpoint import load_state_dict
+
+        load_state_dict(unwrap(module), load_file(str(Path(directory) / "model.safetensors")))

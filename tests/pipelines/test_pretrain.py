@@ -1,0 +1,166 @@
+"""Pretraining end to end on a real local Ray cluster and a real `mlflow server` on 127.0.0.1:
+tracking, registry round trip, resume mid-epoch, a killed worker, a corrupt shard, bad configs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import ModelConfig
+from pipelines.config import ConfigError, load_config
+from pipelines.pretrain import PretrainConfig, run_pretrain
+from pipelines.synth import SynthConfig, synthesize
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_cluster):
+    out = tmp_path_factory.mktemp("pretrain_data") / "ds"
+    synthesize(SynthConfig(out=str(out), samples=240, shard_size=60, seed=0, p_missing_audio=0.1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory) -> str:
+    """The tiny size's tiny twin, as a config file: the same code path, seconds per run."""
+    path = tmp_path_factory.mktemp("model") / "micro.json"
+    path.write_text(json.dumps(ModelConfig.from_name("tiny").tiny_twin().to_dict()))
+    return str(path)
+
+
+def config(shards, micro_model, mlflow_uri, tmp_path, **train) -> PretrainConfig:
+    overrides = [f"data.train={shards}", f"model.name={micro_model}", f"mlflow.tracking_uri={mlflow_uri}",
+                 f"train.storage={tmp_path / 'runs'}", "train.batch_size=8", "train.log_every=2",
+                 "train.checkpoint_every=4", "eval.max_samples=64", "optim.warmup_steps=2",
+                 "mlflow.registered_model=test-binding", "mlflow.experiment=pretrain-tests"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(PretrainConfig, None, overrides)
+
+
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def test_end_to_end_tracks_registers_and_reloads(shards, micro_model, mlflow_server, tmp_path):
+    import mlflow
+
+    from models.checkpoint import load_model
+    from pipelines.registry import local_model_dir
+
+    summary = run_pretrain(config(shards, micro_model, mlflow_server, tmp_path, steps=8, run_name="e2e"))
+    c = client(mlflow_server)
+    run = c.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and summary["steps"] == 8
+    assert run.data.params["train.steps"] == "8" and run.data.tags["raybind.git_commit"]
+    assert run.data.tags["raybind.num_shards"] == "4" and run.data.tags["raybind.shards_hash"]
+    history = c.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6, 8] and all(np.isfinite(m.value) for m in history)
+    for key in ("train/loss/image-text", "train/loss/audio-video", "train/lr", "train/logit_scale",
+                "train/samples_per_s", "train/data_wait_fraction", "eval/text_to_video/R_at_1",
+                "eval/zero_shot/color/audio"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config", "eval", "checkpoints"} <= artifacts
+    eval_files = {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval_report.json", "eval/similarity_matrix.png", "eval/embedding_projection.png"} <= eval_files
+
+    reg = summary["registered"]
+    assert reg["name"] == "test-binding" and "champion" in reg["aliases"]
+    by_version = local_model_dir(f"models:/test-binding/{reg['version']}", mlflow_server)
+    by_alias = local_model_dir("models:/test-binding@candidate", mlflow_server)
+    text = torch.randint(0, 1000, (3, ModelConfig.from_file(micro_model).inputs.context_length))
+    a = load_model(by_version).eval().encode("text", text)
+    b = load_model(by_alias).eval().encode("text", text)
+    assert torch.equal(a, b)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/test-binding/{reg['version']}")
+    out = pyfunc.predict(__import__("pandas").DataFrame({"text": ["a red circle moving left"]}))
+    assert len(out["text_embedding"][0]) == ModelConfig.from_file(micro_model).embed_dim
+
+
+def test_resume_continues_at_step_and_data_position(shards, micro_model, mlflow_server, tmp_path):
+    from pipelines.training.data import latest_position
+
+    first = run_pretrain(config(shards, micro_model, mlflow_server, tmp_path, steps=4, run_name="resume"))
+    global_batch = 8 * 2
+    assert latest_position(first["storage"]) == 4 * global_batch
+    second = run_pretrain(config(shards, micro_model, mlflow_server, tmp_path, steps=10, run_name="resume"))
+    assert second["mlflow_run_id"] == first["mlflow_run_id"] and second["steps"] == 10
+    assert latest_position(second["storage"]) == 10 * global_batch
+    steps = [m.step for m in client(mlflow_server).get_metric_history(second["mlflow_run_id"], "train/loss")]
+    assert steps == [2, 4, 6, 8, 10]  # 6..10 come from the resumed run, nothing logged twice
+
+
+def train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_restores_and_finishes(shards, micro_model, mlflow_server, tmp_path):
+    run_dir = tmp_path / "runs" / "killed"
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if list(run_dir.glob("checkpoint_step_*/state.json")):
+                pids = train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_pretrain(config(shards, micro_model, mlflow_server, tmp_path, steps=16, run_name="killed",
+                                  max_failures=2))
+    thread.join(timeout=1)
+    assert summary["steps"] == 16
+    history = client(mlflow_server).get_metric_history(summary["mlflow_run_id"], "train/loss")
+    assert max(m.step for m in history) == 16
+
+
+def test_corrupt_member_is_counted_in_the_run(shards, micro_model, mlflow_server, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in shards.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    with tarfile.open(shards / "shard-000000.tar") as src, tarfile.open(bad / "shard-000000.tar", "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name.endswith(".jpg") and m.name.startswith(("000000001", "000000002")):
+                data = data[: len(data) // 3]  # truncated JPEG
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    summary = run_pretrain(config(bad, micro_model, mlflow_server, tmp_path, steps=2, run_name="corrupt",
+                                  checkpoint_every=2))
+    metrics = client(mlflow_server).get_run(summary["mlflow_run_id"]).data.metrics
+    assert metrics.get("data/skipped/corrupt_image", 0) >= 1, metrics
+
+
+def test_bad_config_fails_before_any_worker(shards, micro_model, tmp_path):
+    with pytest.raises(ConfigError, match="model.name: 'huge' is not a registered size"):
+        load_config(PretrainConfig, None, ["model.name=huge"])
+    with pytest.raises(ConfigError, match="model.lock: 'smell' is not a modality"):
+        load_config(PretrainConfig, None, ["model.lock=[smell]"])
+    with pytest.raises(ConfigError, match="train.batch_size: must be >= 2"):
+        load_config(PretrainConfig, None, ["train.batch_size=1"])
+    cfg = config(tmp_path / "nowhere", micro_model, "sqlite:///" + str(tmp_path / "m.db"), tmp_path, steps=2)
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        run_pretrain(cfg)
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "runs").exists()
