@@ -10,6 +10,8 @@ Image: jpg/png/webp, any PIL mode -> RGB (alpha composited on white; 16-bit grey
   CLIP's IMAGE_MEAN / IMAGE_STD. Result 3 x S x S float32.
 Text: open_clip's SimpleTokenizer (ships in the wheel, no hub access), `context_length` ids; a long
   caption is truncated with EOT kept last (open_clip's behaviour); an empty caption is [SOT, EOT].
+  A model with a pretrained Hugging Face text tower names its local tokenizer folder in
+  `InputSpec.tokenizer`; its ids are used instead (models/pretrained.hf_tokenize).
 Audio: wav/flac/ogg/mp3 via soundfile (PyAV as fallback), m4a and anything else via PyAV; mixed to
   mono and resampled to `audio.sample_rate` (polyphase, scipy.signal.resample_poly, or libswresample
   on the PyAV path). ONE clip of `clip_seconds` is taken from the CENTRE of the recording (centre,
@@ -46,7 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from models.spec import IMAGE_MEAN, IMAGE_STD, MODALITIES, AudioSpec, InputSpec
+from models.spec import IMAGE_MEAN, IMAGE_STD, MODALITIES, OPEN_CLIP_TOKENIZER, AudioSpec, InputSpec
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS: tuple[str, ...] = ("txt",)
@@ -190,16 +192,43 @@ def get_tokenizer():
     return module.SimpleTokenizer()
 
 
-def tokenize(texts: list[str] | tuple[str, ...], context_length: int) -> np.ndarray:
-    """Captions -> int64 (N, context_length) token ids (zero padded; long ones end in EOT)."""
+def tokenize(texts: list[str] | tuple[str, ...], context_length: int,
+             tokenizer: str = OPEN_CLIP_TOKENIZER) -> np.ndarray:
+    """Captions -> int64 (N, context_length) token ids (zero padded; long ones end in EOT).
+
+    `tokenizer` is `InputSpec.tokenizer`: open_clip's (the default), or a local Hugging Face tokenizer
+    folder for a pretrained HF text tower (models/pretrained.py; padded with its pad id)."""
     if not texts:
         return np.zeros((0, context_length), np.int64)
+    if tokenizer != OPEN_CLIP_TOKENIZER:
+        from models.pretrained import hf_tokenize
+
+        return hf_tokenize(list(texts), context_length, tokenizer)
     return get_tokenizer()(list(texts), context_length).numpy().astype(np.int64, copy=False)
 
 
 def decode_text(data: bytes) -> str:
     """Caption bytes -> str (UTF-8; invalid bytes replaced, surrounding whitespace stripped)."""
     return data.decode("utf-8", errors="replace").strip()
+
+
+# ----------------------------------------------------------------------------- containers
+_DEMUXER_OF_EXT = {"mp4": "mp4", "m4a": "mp4", "webm": "matroska", "mkv": "matroska", "mp3": "mp3",
+                   "ogg": "ogg", "flac": "flac", "wav": "wav"}
+
+
+def open_container(data: bytes, ext: str):
+    """PyAV input container; the extension's demuxer is tried first (skips format probing, ~0.2 ms),
+    then probing, for files whose extension does not match their content."""
+    import av
+
+    demuxer = _DEMUXER_OF_EXT.get(ext.lower())
+    if demuxer is not None:
+        try:
+            return av.open(io.BytesIO(data), mode="r", format=demuxer)
+        except Exception:  # wrong demuxer for these bytes: let FFmpeg probe
+            pass
+    return av.open(io.BytesIO(data), mode="r")
 
 
 # ----------------------------------------------------------------------------- audio
@@ -218,7 +247,7 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resample_poly(wave, target // g, int(rate) // g).astype(np.float32)
 
 
-def _read_soundfile(data: bytes, audio: AudioSpec, limits: DecodeLimits) -> np.ndarray:
+def _read_soundfile(data: bytes, ext: str, audio: AudioSpec, limits: DecodeLimits) -> np.ndarray:
     """Mono waveform at audio.sample_rate; only the centre window that the clip needs is read."""
     import soundfile as sf
 
@@ -232,14 +261,15 @@ def _read_soundfile(data: bytes, audio: AudioSpec, limits: DecodeLimits) -> np.n
     return resample(x.mean(axis=1), rate, audio.sample_rate)
 
 
-def _read_pyav(data: bytes, audio: AudioSpec, limits: DecodeLimits) -> np.ndarray:
+def _read_pyav(data: bytes, ext: str, audio: AudioSpec, limits: DecodeLimits) -> np.ndarray:
     """Mono waveform at audio.sample_rate through FFmpeg (m4a/aac, mp3, opus, ...)."""
     import av
 
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with open_container(data, ext) as container:
         if not container.streams.audio:
             raise DecodeError("corrupt_audio", "no audio stream")
         stream = container.streams.audio[0]
+        stream.codec_context.thread_count = 1
         if stream.duration is not None and stream.time_base is not None:
             _check_duration(float(stream.duration * stream.time_base), limits)
         elif container.duration is not None:
@@ -265,7 +295,7 @@ def load_waveform(data: bytes, ext: str, audio: AudioSpec, limits: DecodeLimits 
     readers = (_read_soundfile, _read_pyav) if ext.lower() in _SOUNDFILE_EXTS else (_read_pyav,)
     for read in readers:
         try:
-            return read(data, audio, limits)
+            return read(data, ext, audio, limits)
         except DecodeError as exc:
             if exc.reason != "corrupt_audio":
                 raise
@@ -316,7 +346,8 @@ def log_mel(clip: np.ndarray, audio: AudioSpec) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))
     spec = torch.stft(x, audio.n_fft, audio.hop_length, audio.n_fft, _hann(audio.n_fft),
                       center=True, pad_mode="constant", return_complex=True)
-    mel = mel_filter_bank(audio.sample_rate, audio.n_fft, audio.n_mels) @ spec.abs().square()
+    power = (spec * spec.conj()).real  # |X|^2; 7x faster here than spec.abs().square()
+    mel = mel_filter_bank(audio.sample_rate, audio.n_fft, audio.n_mels) @ power
     mel = torch.log(mel + 1e-6)[:, :audio.num_frames]
     if mel.shape[1] < audio.num_frames:
         mel = torch.nn.functional.pad(mel, (0, audio.num_frames - mel.shape[1]), value=math.log(1e-6))
@@ -399,15 +430,17 @@ def _nearest(kept: dict[int, np.ndarray], indices: np.ndarray) -> list[np.ndarra
 
 def decode_video(data: bytes, ext: str, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Video bytes (mp4/webm/mkv) -> float32 (video_frames, 3, video_size, video_size)."""
-    import av
 
     if not data:
         raise DecodeError("empty", "zero-byte video")
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with open_container(data, ext) as container:
             if not container.streams.video:
                 raise DecodeError("corrupt_video", "no video stream")
             stream = container.streams.video[0]
+            # One decoder thread: parallelism comes from decoding many samples at once; FFmpeg's
+            # frame threads only add hand-offs (and stalls when the cores are all busy).
+            stream.codec_context.thread_count = 1
             duration = _video_duration(container, stream)
             if duration is not None and duration > limits.max_video_seconds:
                 raise DecodeError("video_too_long", f"{duration:.1f} s > {limits.max_video_seconds} s")
@@ -444,7 +477,7 @@ def decode_member(modality: str, ext: str, data: bytes, spec: InputSpec, limits:
     if modality == "image":
         return decode_image(data, spec, limits)
     if modality == "text":
-        return tokenize([decode_text(data)], spec.context_length)[0]
+        return tokenize([decode_text(data)], spec.context_length, spec.tokenizer)[0]
     if modality == "audio":
         return decode_audio(data, ext, spec, limits)
     if modality == "video":

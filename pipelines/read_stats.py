@@ -1,17 +1,24 @@
-"""Skip counters that work across Ray workers: one tiny actor per reader (0 CPUs).
+"""Skip counters that work across Ray workers: one small named actor (0 CPUs) per Ray job.
 
-Each read task reports its shard's CUMULATIVE counts to the actor after every block it yields and
-once more at the end of the shard, keyed by (epoch, shard name). Because a report replaces the
-previous one for the same key, a retried task or a data set iterated twice never double counts.
-The actor also enforces `max_failure_fraction`: when skipped / (good + skipped) exceeds it, after
-at least `min_samples` samples or once every planned shard has finished, the reporting task raises
-`ReaderError` naming the fraction and the top reasons, which stops the data set.
+Each `ReadStats` is a ledger in that actor (its own id). Each read task sends its shard's
+CUMULATIVE counts after a block (at most once a second) and once more at the end of the shard, keyed by
+(epoch, shard name); a report replaces the previous one for the same key, so a retried task or a
+data set iterated twice never double counts. The actor also enforces `max_failure_fraction`: when
+skipped / (good + skipped) exceeds it, after at least `min_samples` samples or once every planned
+shard has finished, the reporting task raises `ReaderError` naming the fraction and the top
+reasons, which stops the data set. Block reports are not waited for (a task checks the answer to
+its previous report when it sends the next one); the end-of-shard report is.
+
+One actor per job rather than per data set: starting an actor costs a Python process (~1 s of CPU
+here), and a task's first blocking report would wait for it.
 
 The driver (or a trainer) reads the totals with `ReadStats.snapshot()` while or after iterating.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -52,34 +59,48 @@ def sum_counts(parts: dict[Any, dict]) -> dict:
 
 @ray.remote(num_cpus=0)
 class _StatsActor:
+    """Ledgers by id: parts {(epoch, shard): counts}, planned / finished shard keys, limits."""
+
     def __init__(self):
-        self.parts: dict[tuple[int, str], dict] = {}
-        self.planned: set[tuple[int, str]] = set()
-        self.finished: set[tuple[int, str]] = set()
-        self.max_failure_fraction = 1.0
-        self.min_samples = 0
+        self.ledgers: dict[str, dict[str, Any]] = {}
 
-    def plan(self, keys: list[tuple[int, str]], max_failure_fraction: float, min_samples: int) -> None:
-        self.planned.update(keys)
-        self.max_failure_fraction, self.min_samples = max_failure_fraction, min_samples
+    def _ledger(self, ledger_id: str) -> dict[str, Any]:
+        return self.ledgers.setdefault(ledger_id, {"parts": {}, "planned": set(), "finished": set(),
+                                                   "max_failure_fraction": 1.0, "min_samples": 0})
 
-    def report(self, key: tuple[int, str], counts: dict, final: bool) -> str | None:
+    def plan(self, ledger_id: str, keys: list[tuple[int, str]], max_failure_fraction: float,
+             min_samples: int) -> None:
+        ledger = self._ledger(ledger_id)
+        ledger["planned"].update(keys)
+        ledger["max_failure_fraction"], ledger["min_samples"] = max_failure_fraction, min_samples
+
+    def report(self, ledger_id: str, key: tuple[int, str], counts: dict, final: bool) -> str | None:
         """Store a shard's cumulative counts; return an error message if the limit is exceeded."""
-        self.parts[key] = counts
+        ledger = self._ledger(ledger_id)
+        ledger["parts"][key] = counts
         if final:
-            self.finished.add(key)
-        totals = sum_counts(self.parts)
+            ledger["finished"].add(key)
+        totals = sum_counts(ledger["parts"])
         seen = totals["samples_good"] + totals["samples_skipped"]
-        all_done = self.planned <= self.finished
-        if (seen >= self.min_samples or all_done) and totals["failure_fraction"] > self.max_failure_fraction:
-            return failure_message(totals, self.max_failure_fraction)
+        all_done = bool(ledger["planned"]) and ledger["planned"] <= ledger["finished"]
+        limit = ledger["max_failure_fraction"]
+        if (seen >= ledger["min_samples"] or all_done) and totals["failure_fraction"] > limit:
+            return failure_message(totals, limit)
         return None
 
-    def snapshot(self) -> dict:
-        totals = sum_counts(self.parts)
-        totals["shards_done"] = len(self.finished)
-        totals["shards_planned"] = len(self.planned)
+    def snapshot(self, ledger_id: str) -> dict:
+        ledger = self._ledger(ledger_id)
+        totals = sum_counts(ledger["parts"])
+        totals["shards_done"] = len(ledger["finished"])
+        totals["shards_planned"] = len(ledger["planned"])
         return totals
+
+    def forget(self, ledger_id: str) -> None:
+        self.ledgers.pop(ledger_id, None)
+
+
+ACTOR_NAME = "raybind-read-stats"
+REPORT_EVERY_S = 1.0  # block reports per task at most this often (each costs the actor ~5 ms of CPU)
 
 
 class ReadStats:
@@ -90,22 +111,46 @@ class ReadStats:
     failure_fraction, shards_done, shards_planned}."""
 
     def __init__(self):
-        self.actor = _StatsActor.remote()
+        self.actor = _StatsActor.options(name=ACTOR_NAME, get_if_exists=True).remote()
+        self.id = uuid.uuid4().hex
 
     def plan(self, keys: list[tuple[int, str]], max_failure_fraction: float, min_samples: int) -> None:
-        ray.get(self.actor.plan.remote(keys, max_failure_fraction, min_samples))
+        # Not awaited. Should a report overtake the plan, the actor only defers the "all shards
+        # done" check (nothing is planned yet).
+        self.actor.plan.remote(self.id, keys, max_failure_fraction, min_samples)
 
     def snapshot(self) -> dict:
-        return ray.get(self.actor.snapshot.remote())
+        return ray.get(self.actor.snapshot.remote(self.id))
+
+    def __del__(self):
+        try:
+            self.actor.forget.remote(self.id)
+        except Exception:  # interpreter or Ray shutting down: nothing left to free
+            pass
 
 
 class Reporter:
     """Used inside a read task: sends one shard's cumulative counts; raises ReaderError on excess."""
 
-    def __init__(self, actor, key: tuple[int, str]):
-        self.actor, self.key = actor, key
+    def __init__(self, actor, ledger_id: str, key: tuple[int, str], every_s: float = REPORT_EVERY_S):
+        self.actor, self.ledger_id, self.key, self.every_s = actor, ledger_id, key, every_s
+        self.pending, self.last = None, time.monotonic()
 
     def __call__(self, counts: dict, final: bool) -> None:
-        message = ray.get(self.actor.report.remote(self.key, counts, final))
+        if not final and time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
+            self._check(self.pending)
+            self.pending = None
+        ref = self.actor.report.remote(self.ledger_id, self.key, counts, final)
+        if final:
+            self._check(ref)
+        elif self.pending is None:  # an unanswered older report is covered by this cumulative one
+            self.pending = ref
+
+    @staticmethod
+    def _check(ref) -> None:
+        message = ray.get(ref)
         if message:
             raise ReaderError(message)

@@ -24,6 +24,7 @@ Skips are counted per reason by a `ReadStats` actor (see pipelines/read_stats.py
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,6 +78,7 @@ class ReaderConfig:
 
 def plan_tasks(urls: str | Sequence[str], cfg: ReaderConfig, epoch: int, skip_samples: int) -> list:
     """The epoch's read tasks (one per shard, in order), after split-by-shard and skipping."""
+    from pipelines import storage
     from pipelines.shard_datasource import ShardTask
 
     shards = resolve_shards(urls)
@@ -84,22 +86,24 @@ def plan_tasks(urls: str | Sequence[str], cfg: ReaderConfig, epoch: int, skip_sa
         shards = shards_of_split(shards, cfg.split, cfg.shard_split_fractions)
     ordered = order_shards(shards, cfg.seed, epoch, cfg.shuffle_shards)
     rest, offset = plan_skip(ordered, skip_samples, cfg.split if cfg.split_by == "field" else None)
-    return [ShardTask(s, epoch, tuple(shard_seed(cfg.seed, epoch, s.name)), offset if i == 0 else 0)
+    # Workers started before an S3 endpoint / credentials were set (a test's server, a user's shell)
+    # get them with the task.
+    env = tuple(sorted(storage.worker_env().items())) if any(s.url.startswith("s3://") for s in rest) else ()
+    return [ShardTask(s, epoch, tuple(shard_seed(cfg.seed, epoch, s.name)), offset if i == 0 else 0, env)
             for i, s in enumerate(rest)]
 
 
 def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = None, split: str | None = None,
                 config: ReaderConfig | None = None, spec: InputSpec | None = None, epoch: int = 0,
-                skip_samples: int = 0, stats: ReadStats | None = None):
+                skip_samples: int = 0, stats: ReadStats | None = None, epochs: int = 1):
     """Shards -> `ray.data.Dataset` of decoded rows. `modalities` / `split` override `config`.
 
     Pass your own `stats` (a `ReadStats`) to read the skip counters; without one, counters are still
     kept (and max_failure_fraction enforced) but only logged."""
     import ray
 
-    from pipelines import storage
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.shard_datasource import ShardDatasource
+    from pipelines.shard_datasource import ShardDatasource, bytes_per_sample
 
     cfg = config or ReaderConfig()
     if modalities is not None:
@@ -109,26 +113,34 @@ def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = No
     require(skip_samples >= 0, "skip_samples", "must be >= 0")
     spec = spec or InputSpec()
     ensure_ray()
-    tasks = plan_tasks(urls, cfg, epoch, skip_samples)
+    require(epochs >= 1, "epochs", "must be >= 1")
+    # Several epochs in one stream (training): epoch e+1 follows e, each with its own order.
+    tasks = [t for e in range(epoch, epoch + epochs)
+             for t in plan_tasks(urls, cfg, e, skip_samples if e == epoch else 0)]
     stats = stats or ReadStats()
     stats.plan([(epoch, t.shard.name) for t in tasks], cfg.max_failure_fraction,
                cfg.min_samples_for_failure_check)
-    remote: dict[str, Any] = {}
-    if any(t.shard.url.startswith("s3://") for t in tasks) and storage.worker_env():
-        remote["runtime_env"] = {"env_vars": storage.worker_env()}  # workers predate a late endpoint
-    ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, stats.actor),
+    ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, (stats.actor, stats.id)),
                                   override_num_blocks=max(1, len(tasks)), num_cpus=cfg.num_cpus_per_task,
-                                  concurrency=cfg.max_concurrency, **remote)
+                                  concurrency=cfg.max_concurrency)
     ds.context.execution_options.preserve_order = cfg.preserve_order
+    # Ray Data coalesces a task's output up to target_max_block_size (128 MiB by default: a whole
+    # shard of decoded video here) before passing anything on. A target just under one of our
+    # blocks hands each block downstream as soon as it is decoded (smaller than 1.5x the target,
+    # so it is not sliced either).
+    ds.context.target_max_block_size = max(2**20, int(0.9 * cfg.samples_per_block * bytes_per_sample(cfg, spec)))
     return ds
 
 
 class TorchCollate(NumpyBatchCollateFn):
     """numpy batch -> {column: torch.Tensor}; string columns (key, caption, labels) stay lists of str,
-    which `iter_torch_batches` cannot turn into tensors."""
+    which `iter_torch_batches` cannot turn into tensors.
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    Like Ray's default collate, tensors share memory with the batch, which may be read-only object
+    store memory: do not modify them in place, or pass copy=True."""
+
+    def __init__(self, device: str = "cpu", copy: bool = False):
+        self.device, self.copy = device, copy
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -137,19 +149,20 @@ class TorchCollate(NumpyBatchCollateFn):
         for name, column in batch.items():
             if column.dtype.kind in "OUS":
                 out[name] = [str(v) for v in column]
-            else:
-                # Blocks come zero-copy from the object store (read-only); a trainer may write to
-                # its batch, so copy those (batches that span blocks are fresh arrays already).
-                column = column if column.flags.writeable else column.copy()
-                out[name] = torch.from_numpy(column).to(self.device)
+                continue
+            if self.copy:
+                column = column.copy()
+            with warnings.catch_warnings():  # torch warns about read-only arrays; see the docstring
+                warnings.simplefilter("ignore", UserWarning)
+                out[name] = torch.as_tensor(column).to(self.device)
         return out
 
 
 def to_torch_batches(data, batch_size: int = 32, drop_last: bool = False, device: str = "cpu",
                      prefetch_batches: int = 2, local_shuffle_buffer_size: int | None = None,
-                     local_shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
+                     local_shuffle_seed: int | None = None, copy: bool = False) -> Iterator[dict[str, Any]]:
     """Batches of torch tensors (+ lists of str) from a Dataset or a Ray Train DataIterator shard."""
-    return data.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, collate_fn=TorchCollate(device),
-                                   prefetch_batches=prefetch_batches,
+    return data.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                   collate_fn=TorchCollate(device, copy), prefetch_batches=prefetch_batches,
                                    local_shuffle_buffer_size=local_shuffle_buffer_size,
                                    local_shuffle_seed=local_shuffle_seed)

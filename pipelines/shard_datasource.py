@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import tarfile
 from collections import Counter
@@ -72,6 +73,10 @@ class ShardTask:
     epoch: int
     seed: tuple[int, ...]
     offset: int = 0  # samples of the (filtered, shuffled) order to skip without decoding
+    # The driver's storage settings (S3 endpoint, credentials) for shards on S3. Set in the worker's
+    # environment by the task itself rather than with a Ray runtime_env: a runtime_env starts a
+    # separate pool of workers that must import torch / PyAV again (~10 s on a busy 2-core machine).
+    storage_env: tuple[tuple[str, str], ...] = ()
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -220,10 +225,11 @@ def to_block(rows: list[dict], cfg: ReaderConfig, spec: InputSpec):
     return BlockAccessor.batch_to_block(decode.stack_samples(rows, cfg.modalities, spec, cfg.label_fields))
 
 
-def read_shard(task: ShardTask, cfg: ReaderConfig, spec: InputSpec, stats_actor) -> Iterator[Any]:
+def read_shard(task: ShardTask, cfg: ReaderConfig, spec: InputSpec, ledger: tuple[Any, str]) -> Iterator[Any]:
     """The body of one read task: stream, decode and yield blocks of one shard; report counts."""
+    os.environ.update(dict(task.storage_env))
     counts = ShardCounts()
-    report = Reporter(stats_actor, (task.epoch, task.shard.name))
+    report = Reporter(ledger[0], ledger[1], (task.epoch, task.shard.name))
     rng = np.random.default_rng(list(task.seed))
     rows: list[dict] = []
     for key, members, meta in iter_candidates(task, cfg, rng, counts):
@@ -250,9 +256,11 @@ def bytes_per_sample(cfg: ReaderConfig, spec: InputSpec) -> int:
 class ShardDatasource(Datasource):
     """One ReadTask per shard, in the given (epoch) order."""
 
-    def __init__(self, tasks: list[ShardTask], cfg: ReaderConfig, spec: InputSpec, stats_actor):
+    def __init__(self, tasks: list[ShardTask], cfg: ReaderConfig, spec: InputSpec, ledger: tuple[Any, str]):
+        """`ledger`: (stats actor handle, ReadStats id): not the ReadStats itself, whose __del__
+        in a worker would drop the driver's counters."""
         super().__init__()
-        self.tasks, self.cfg, self.spec, self.stats_actor = tasks, cfg, spec, stats_actor
+        self.tasks, self.cfg, self.spec, self.ledger = tasks, cfg, spec, ledger
         self.per_sample = bytes_per_sample(cfg, spec)
 
     def get_name(self) -> str:
@@ -270,7 +278,7 @@ class ShardDatasource(Datasource):
                        data_context=None) -> list[ReadTask]:
         # num_rows stays None: decode failures make any count a guess, and Ray Data would trust it
         # for ds.count().
-        return [ReadTask(functools.partial(read_shard, t, self.cfg, self.spec, self.stats_actor),
+        return [ReadTask(functools.partial(read_shard, t, self.cfg, self.spec, self.ledger),
                          BlockMetadata(num_rows=None, size_bytes=self._estimate(t),
                                        input_files=[t.shard.url], exec_stats=None),
                          per_task_row_limit=per_task_row_limit)
