@@ -104,7 +104,9 @@ REPORT_EVERY_S = 1.0  # block reports per task at most this often (each costs th
 
 
 class ReadStats:
-    """Handle to the counters of one or more `read_shards` data sets (create it on the driver).
+    """Handle to the counters of one or more `read_shards` data sets. Create it on the driver (the
+    shared actor lives as long as the process that first created it); copies sent to other processes
+    read and report into the same ledger, which is freed when the original is garbage collected.
 
     `snapshot()` -> {samples_good, samples_skipped, skipped: {reason: n}, dropped: {modality reason: n},
     filtered_split, good_per_modality, bytes_per_modality, shard_errors: {shard: reason},
@@ -113,6 +115,13 @@ class ReadStats:
     def __init__(self):
         self.actor = _StatsActor.options(name=ACTOR_NAME, get_if_exists=True).remote()
         self.id = uuid.uuid4().hex
+        self._owner = True  # only the instance made here frees the ledger, not pickled copies
+
+    def __getstate__(self) -> dict:
+        return {"actor": self.actor, "id": self.id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.actor, self.id, self._owner = state["actor"], state["id"], False
 
     def plan(self, keys: list[tuple[int, str]], max_failure_fraction: float, min_samples: int) -> None:
         # Not awaited. Should a report overtake the plan, the actor only defers the "all shards
@@ -123,6 +132,8 @@ class ReadStats:
         return ray.get(self.actor.snapshot.remote(self.id))
 
     def __del__(self):
+        if not getattr(self, "_owner", False):
+            return
         try:
             self.actor.forget.remote(self.id)
         except Exception:  # interpreter or Ray shutting down: nothing left to free

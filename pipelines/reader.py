@@ -76,21 +76,27 @@ class ReaderConfig:
                 "split", f"{self.split!r} is not in shard_split_fractions")
 
 
-def plan_tasks(urls: str | Sequence[str], cfg: ReaderConfig, epoch: int, skip_samples: int) -> list:
-    """The epoch's read tasks (one per shard, in order), after split-by-shard and skipping."""
+def plan_tasks(urls: str | Sequence[str], cfg: ReaderConfig, epoch: int, skip_samples: int,
+               epochs: int = 1) -> list:
+    """Read tasks (one per shard and epoch, in order) for epochs epoch .. epoch + epochs - 1, after
+    split-by-shard; the first `skip_samples` samples of the first epoch are skipped."""
     from pipelines import storage
     from pipelines.shard_datasource import ShardTask
 
     shards = resolve_shards(urls)
     if cfg.split is not None and cfg.split_by == "shard":
         shards = shards_of_split(shards, cfg.split, cfg.shard_split_fractions)
-    ordered = order_shards(shards, cfg.seed, epoch, cfg.shuffle_shards)
-    rest, offset = plan_skip(ordered, skip_samples, cfg.split if cfg.split_by == "field" else None)
     # Workers started before an S3 endpoint / credentials were set (a test's server, a user's shell)
     # get them with the task.
-    env = tuple(sorted(storage.worker_env().items())) if any(s.url.startswith("s3://") for s in rest) else ()
-    return [ShardTask(s, epoch, tuple(shard_seed(cfg.seed, epoch, s.name)), offset if i == 0 else 0, env)
-            for i, s in enumerate(rest)]
+    env = tuple(sorted(storage.worker_env().items())) if any(s.url.startswith("s3://") for s in shards) else ()
+    tasks = []
+    for e in range(epoch, epoch + epochs):  # epoch e + 1 follows e, each in its own order
+        ordered = order_shards(shards, cfg.seed, e, cfg.shuffle_shards)
+        rest, offset = plan_skip(ordered, skip_samples if e == epoch else 0,
+                                 cfg.split if cfg.split_by == "field" else None)
+        tasks += [ShardTask(s, e, tuple(shard_seed(cfg.seed, e, s.name)), offset if i == 0 else 0, env)
+                  for i, s in enumerate(rest)]
+    return tasks
 
 
 def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = None, split: str | None = None,
@@ -98,6 +104,8 @@ def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = No
                 skip_samples: int = 0, stats: ReadStats | None = None, epochs: int = 1):
     """Shards -> `ray.data.Dataset` of decoded rows. `modalities` / `split` override `config`.
 
+    The data set holds `epochs` epochs back to back from `epoch` on (each in its own order) and
+    skips the first `skip_samples` samples of the first one (resume mid-epoch).
     Pass your own `stats` (a `ReadStats`) to read the skip counters; without one, counters are still
     kept (and max_failure_fraction enforced) but only logged."""
     import ray
@@ -111,14 +119,12 @@ def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = No
     if split is not None:
         cfg = dataclasses.replace(cfg, split=split)
     require(skip_samples >= 0, "skip_samples", "must be >= 0")
+    require(epochs >= 1, "epochs", "must be >= 1")
     spec = spec or InputSpec()
     ensure_ray()
-    require(epochs >= 1, "epochs", "must be >= 1")
-    # Several epochs in one stream (training): epoch e+1 follows e, each with its own order.
-    tasks = [t for e in range(epoch, epoch + epochs)
-             for t in plan_tasks(urls, cfg, e, skip_samples if e == epoch else 0)]
+    tasks = plan_tasks(urls, cfg, epoch, skip_samples, epochs)
     stats = stats or ReadStats()
-    stats.plan([(epoch, t.shard.name) for t in tasks], cfg.max_failure_fraction,
+    stats.plan([(t.epoch, t.shard.name) for t in tasks], cfg.max_failure_fraction,
                cfg.min_samples_for_failure_check)
     ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, (stats.actor, stats.id)),
                                   override_num_blocks=max(1, len(tasks)), num_cpus=cfg.num_cpus_per_task,

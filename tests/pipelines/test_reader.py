@@ -122,3 +122,27 @@ def test_to_torch_batches_gives_tensors_and_string_lists(ray_cluster, read, shap
     assert b["text"].dtype == torch.int64 and b["image_mask"].dtype == torch.bool
     assert isinstance(b["caption"], list) and isinstance(b["color"][0], str)
     assert "audio" not in b and "video" not in b
+
+
+def test_several_epochs_in_one_stream(ray_cluster, read, shapes_dir, small_spec):
+    cfg = {"seed": 7, "shuffle_window": 4}
+    e1, e2 = (keys_of(read(shapes_dir, epoch=e, **cfg)[0]) for e in (1, 2))
+    stats = ReadStats()
+    ds = read_shards(str(shapes_dir), config=ReaderConfig(**cfg), spec=small_spec, epoch=1, epochs=2,
+                     skip_samples=30, stats=stats)
+    assert keys_of(ds) == e1[30:] + e2
+    snap = stats.snapshot()
+    assert snap["samples_good"] == 50 and snap["shards_planned"] == snap["shards_done"] == 2 + 5
+
+
+def test_read_stats_copies_share_the_ledger(ray_cluster, read, shapes_dir):
+    import gc
+    import pickle
+
+    ds, stats = read(shapes_dir, modalities=("text",))
+    copy = pickle.loads(pickle.dumps(stats))
+    keys_of(ds)
+    assert copy.snapshot()["samples_good"] == 40
+    del copy
+    gc.collect()  # a copy going away must not free the original's counters
+    assert stats.snapshot()["samples_good"] == 40
