@@ -1,0 +1,99 @@
+"""Where the served model comes from: an MLflow registry reference (or a local folder) -> a loaded
+`BindingModel` plus what to report about it.
+
+An alias is resolved to a version FIRST and that exact version is downloaded, so a concurrent
+alias move can never mix two versions; the reported version is the one whose weights are in memory.
+Registered models follow pipelines/registry.py: the version's artifact `binding/` holds config.json
++ model.safetensors (no pickles).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.checkpoint import load_model
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved reference: `version` is concrete even when the URI named an alias."""
+
+    uri: str
+    name: str
+    version: str
+    alias: str
+    run_id: str = ""
+    local_dir: str = ""  # set for local folders (no registry)
+
+
+class ModelSourceError(RuntimeError):
+    """The reference names no model / version / alias, or the registry cannot be reached."""
+
+
+def parse_models_uri(uri: str) -> tuple[str, str, str]:
+    """models:/NAME@ALIAS -> (NAME, "", ALIAS); models:/NAME/VERSION -> (NAME, VERSION, "")."""
+    ref = uri[len("models:/"):]
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        if name and alias and "/" not in alias:
+            return name, "", alias
+    else:
+        name, _, version = ref.partition("/")
+        if name and version.isdigit():
+            return name, version, ""
+    raise ModelSourceError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
+
+
+def resolve(uri: str, tracking_uri: str = "") -> ModelRef:
+    """Turn any accepted reference into a concrete ModelRef (one registry call for an alias)."""
+    if not uri.startswith("models:/"):
+        folder = Path(uri).expanduser()
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise ModelSourceError(f"{uri}: not a models:/ URI and no config.json + model.safetensors there")
+        return ModelRef(uri, folder.name, "", "", local_dir=str(folder))
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_models_uri(uri)
+    try:
+        mv = client(tracking_uri).get_model_version_by_alias(name, alias) if alias else \
+            client(tracking_uri).get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelSourceError(f"{uri}: {exc.message if hasattr(exc, 'message') else exc}") from None
+    return ModelRef(uri, name, str(mv.version), alias, mv.run_id or "")
+
+
+def fetch_and_load(ref: ModelRef, tracking_uri: str = ""):
+    """Download exactly `ref.version` into a temporary folder, load it, delete the files."""
+    if ref.local_dir:
+        return load_model(ref.local_dir).eval()
+    import mlflow
+
+    tmp = tempfile.mkdtemp(prefix="raybind-serve-model-")
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{ref.name}/{ref.version}", dst_path=tmp,
+            tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
+        folder = Path(path) / "artifacts" / "binding"
+        if not (folder / "config.json").is_file():
+            raise ModelSourceError(f"{ref.uri} (version {ref.version}): no artifacts/binding/config.json; "
+                                   "was it registered by raybind?")
+        return load_model(folder).eval()  # weights live in memory from here on
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe(ref: ModelRef, model, generation: int) -> dict:
+    """What /v1/model and every response report about the model in memory."""
+    return {"name": ref.name, "version": ref.version, "alias": ref.alias, "uri": ref.uri, "run_id": ref.run_id,
+            "embed_dim": int(model.embed_dim), "modalities": list(model.modalities),
+            "loaded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "generation": generation}
