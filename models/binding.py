@@ -56,20 +56,25 @@ class ProjectionHead(nn.Module):
 class BindingModel(nn.Module):
     """Encoders + projection heads + a shared temperature (and optional SigLIP bias)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, load_pretrained: bool = True):
+        """`load_pretrained=False` skips reading towers' `pretrained` weights (checkpoint loading)."""
         # Deferred: importing open_clip takes seconds; processes that only need BindingOutput or the
         # losses (e.g. distributed loss workers) should not pay for it.
         from models.encoders import build_encoders
 
         super().__init__()
         self.config = config
-        self.encoders: nn.ModuleDict = build_encoders(config)
+        self.encoders: nn.ModuleDict = build_encoders(config, load_pretrained)
         self.heads = nn.ModuleDict({
             m: ProjectionHead(enc.width, config.embed_dim, config.projection) for m, enc in self.encoders.items()
         })
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias))) if config.use_logit_bias else None
         self._locked: set[str] = set()
+        for modality in ("image", "text", "audio"):  # LiT towers of the config: frozen, heads still train
+            tower = getattr(config, modality)
+            if tower is not None and tower.locked:
+                self.lock(modality, include_head=False)
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.spec import MODALITIES, AudioSpec, InputSpec
+from models.spec import MODALITIES, OPEN_CLIP_TOKENIZER, AudioSpec, InputSpec
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROJECTIONS = ("linear", "mlp")
+TOWER_KINDS = ("open_clip", "hf")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -34,7 +35,17 @@ def _positive_int(value: Any, name: str) -> None:
 
 @dataclass(frozen=True)
 class TowerConfig:
-    """One transformer tower. `patch_size` is for image / audio / video frames, None for text."""
+    """One transformer tower. `patch_size` is for image / audio / video frames, None for text.
+
+    Pretrained towers (models/pretrained.py; local files only, never a hub):
+    - kind "open_clip" (built here) with `pretrained` = an open_clip checkpoint file (.pt / .bin /
+      .safetensors state dict; its visual or text part) or a raybind model folder (its tower of the
+      same modality): the tower is initialised from it when the model is built;
+    - kind "hf" (text only): a Hugging Face transformers model folder, or `package:NAME/sub/folder`
+      inside an installed Python package; width / layers / heads must match its config.json, and
+      the model's `inputs.tokenizer` must name the same folder.
+    `locked` freezes the tower (LiT): no gradients, eval mode; its projection head still trains.
+    """
 
     width: int
     layers: int
@@ -42,6 +53,9 @@ class TowerConfig:
     mlp_ratio: float = 4.0
     patch_size: int | None = None
     ls_init_value: float | None = None  # LayerScale init (None = off), as in open_clip
+    kind: str = "open_clip"
+    pretrained: str = ""  # local weights to start from ("" = random init); required for kind "hf"
+    locked: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "layers", "heads"):
@@ -50,6 +64,11 @@ class TowerConfig:
         _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio!r}")
         if self.patch_size is not None:
             _positive_int(self.patch_size, "patch_size")
+        _check(self.kind in TOWER_KINDS, "kind", f"must be one of {TOWER_KINDS}, got {self.kind!r}")
+        _check(isinstance(self.pretrained, str), "pretrained", "must be a path string")
+        _check(self.kind != "hf" or bool(self.pretrained), "pretrained",
+               "is required for an hf tower (a local transformers model folder)")
+        _check(isinstance(self.locked, bool), "locked", "must be true or false")
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,7 @@ class VideoTowerConfig:
         else:
             _check(self.frame is not None, "frame", "is required when share_image_tower is false")
             _check(self.frame.patch_size is not None, "frame.patch_size", "is required for video frames")
+            _check(self.frame.kind == "open_clip", "frame.kind", "video frames need an open_clip tower")
         _check(isinstance(self.temporal_layers, int) and self.temporal_layers >= 0, "temporal_layers",
                f"must be an integer >= 0, got {self.temporal_layers!r}")
 
@@ -116,6 +136,8 @@ class ModelConfig:
             tower = getattr(self, name)
             if tower is not None:
                 _check(tower.patch_size is not None, f"{name}.patch_size", "is required")
+                _check(tower.kind == "open_clip", f"{name}.kind", "hf towers are supported for text only")
+        self._check_tokenizer()
         if self.image is not None:
             _check_divides(self.image.patch_size, self.inputs.image_size, "image.patch_size", "inputs.image_size")
         if self.audio is not None:
@@ -125,6 +147,17 @@ class ModelConfig:
             _check(self.audio.patch_size <= size, "audio.patch_size", f"{self.audio.patch_size} exceeds the input {size}")
         if self.video is not None:
             self._check_video()
+
+    def _check_tokenizer(self) -> None:
+        """Token ids must come from the tokenizer the text tower was trained with."""
+        if self.text is None:
+            return
+        if self.text.kind == "hf":
+            _check(self.inputs.tokenizer == self.text.pretrained, "inputs.tokenizer",
+                   f"must be the hf text tower's folder {self.text.pretrained!r}, got {self.inputs.tokenizer!r}")
+        else:
+            _check(self.inputs.tokenizer == OPEN_CLIP_TOKENIZER, "inputs.tokenizer",
+                   f"an open_clip text tower needs {OPEN_CLIP_TOKENIZER!r}, got {self.inputs.tokenizer!r}")
 
     def _check_video(self) -> None:
         if self.video.share_image_tower:
@@ -172,7 +205,9 @@ class ModelConfig:
         For tests: every registered size can be built and run quickly on a CPU.
         """
         def shrink(tower: TowerConfig | None) -> TowerConfig | None:
-            return None if tower is None else dataclasses.replace(tower, width=32, layers=1, heads=2)
+            if tower is None or tower.kind == "hf":  # a pretrained hf model has one fixed size
+                return tower
+            return dataclasses.replace(tower, width=32, layers=1, heads=2, pretrained="")
 
         video = self.video
         if video is not None:
@@ -197,6 +232,7 @@ def _check_inputs(spec: InputSpec) -> None:
     for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
         _positive_int(getattr(spec.audio, name), f"inputs.audio.{name}")
     _check(spec.audio.num_frames > 0, "inputs.audio.clip_seconds", f"gives no frames ({spec.audio.clip_seconds!r})")
+    _check(isinstance(spec.tokenizer, str) and bool(spec.tokenizer), "inputs.tokenizer", "must be a non-empty string")
 
 
 # --- strict building from JSON-like dicts ----------------------------------------------------------

@@ -89,6 +89,29 @@ class TextEncoder(Encoder):
         return EncoderOutput(tokens=tokens, pooled=pooled)
 
 
+class HFTextEncoder(Encoder):
+    """A pretrained Hugging Face transformers text model (local folder, models/pretrained.py): token
+    ids padded with its pad id -> last hidden states, pooled the sentence-transformers way."""
+
+    def __init__(self, tower: TowerConfig, context_length: int, load_weights: bool = True):
+        from models.pretrained import build_hf_model, check_hf_shape, normalizes, pooling_mode
+
+        super().__init__()
+        self.model = build_hf_model(tower.pretrained, load_weights)
+        check_hf_shape(tower, self.model.config, context_length)
+        self.width = tower.width
+        self.pad_id = int(self.model.config.pad_token_id or 0)
+        self.pooling = pooling_mode(tower.pretrained)
+        self.normalize = normalizes(tower.pretrained)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        from models.pretrained import pool
+
+        mask = x != self.pad_id
+        tokens = self.model(input_ids=x, attention_mask=mask.long()).last_hidden_state
+        return EncoderOutput(tokens=tokens, pooled=pool(tokens, mask, self.pooling, self.normalize))
+
+
 class VideoEncoder(Encoder):
     """Frames through a per-frame ViT, then learned temporal positions, a temporal transformer, mean pool.
 
@@ -118,13 +141,19 @@ class VideoEncoder(Encoder):
         return EncoderOutput(tokens=tokens, pooled=tokens.mean(dim=1))
 
 
-def build_encoders(config: ModelConfig) -> nn.ModuleDict:
-    """One encoder per modality of `config`; video may reuse the image encoder module (shared weights)."""
+def build_encoders(config: ModelConfig, load_pretrained: bool = True) -> nn.ModuleDict:
+    """One encoder per modality of `config`; video may reuse the image encoder module (shared weights).
+
+    Towers whose config names `pretrained` weights start from them when `load_pretrained` (a checkpoint
+    loader passes False: its own weights replace them; hf towers then build from their config only).
+    """
     spec = config.inputs
     encoders = nn.ModuleDict()
     if config.image is not None:
         encoders["image"] = PatchEncoder(config.image, (spec.image_size, spec.image_size))
-    if config.text is not None:
+    if config.text is not None and config.text.kind == "hf":
+        encoders["text"] = HFTextEncoder(config.text, spec.context_length, load_weights=load_pretrained)
+    elif config.text is not None:
         encoders["text"] = TextEncoder(config.text, spec.context_length, config.vocab_size)
     if config.audio is not None:
         size = (spec.audio.n_mels, spec.audio.num_frames)
@@ -136,4 +165,8 @@ def build_encoders(config: ModelConfig) -> nn.ModuleDict:
             frame_tower = config.video.frame
             frame_encoder = PatchEncoder(frame_tower, (spec.video_size, spec.video_size))
         encoders["video"] = VideoEncoder(config.video, spec.video_frames, frame_encoder, frame_tower)
+    if load_pretrained:
+        from models.pretrained import init_towers
+
+        init_towers(encoders, config)
     return encoders

@@ -14,6 +14,10 @@ MODALITIES: tuple[str, ...] = ("image", "text", "audio", "video")
 IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
+# The default text tokenizer: open_clip's BPE, which ships in its wheel. Any other value of
+# `InputSpec.tokenizer` names a local Hugging Face tokenizer folder (see models/pretrained.py).
+OPEN_CLIP_TOKENIZER = "open_clip"
+
 
 @dataclass(frozen=True)
 class AudioSpec:
@@ -40,7 +44,8 @@ class InputSpec:
     """Shapes of decoded inputs (batch dimension excluded):
 
     image: 3 x image_size x image_size float32, normalised with IMAGE_MEAN / IMAGE_STD
-    text:  context_length int64 token ids (open_clip tokenizer)
+    text:  context_length int64 token ids from `tokenizer`: "open_clip" (the default), or a local
+           Hugging Face tokenizer folder / `package:NAME/sub/folder` for a pretrained HF text tower
     audio: 1 x audio.n_mels x audio.num_frames float32 log-mel
     video: video_frames x 3 x video_size x video_size float32, normalised like images
     """
@@ -50,6 +55,7 @@ class InputSpec:
     audio: AudioSpec = field(default_factory=AudioSpec)
     video_frames: int = 8
     video_size: int = 64
+    tokenizer: str = OPEN_CLIP_TOKENIZER
 
     def shape(self, modality: str) -> tuple[int, ...]:
         if modality == "image":
