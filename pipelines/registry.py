@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipelines import workspace
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+ARTIFACT = "binding"  # the model folder inside a registered model's artifacts/
 
 
 class ModelNotFoundError(ValueError):
@@ -39,10 +42,13 @@ def register_model(model_dir: str, name: str, run_id: str, tags: dict[str, str] 
 
     active = mlflow.active_run()
     same_run = active is not None and active.info.run_id == run_id
-    with contextlib.nullcontext() if same_run else mlflow.start_run(run_id=run_id, nested=active is not None):
+    run_ctx = contextlib.nullcontext() if same_run else mlflow.start_run(run_id=run_id, nested=active is not None)
+    with run_ctx, tempfile.TemporaryDirectory() as tmp:
+        # MLflow names a logged folder after its basename: stage it as `binding/`, the name loaders expect.
+        staged = shutil.copytree(model_dir, Path(tmp) / ARTIFACT)
         signature = mlflow_pyfunc.signature(model_dir)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(mlflow_pyfunc.__file__)), artifacts={"binding": model_dir},
+            name="model", python_model=str(Path(mlflow_pyfunc.__file__)), artifacts={ARTIFACT: str(staged)},
             code_paths=[str(REPO / "models")], signature=signature, input_example=input_example(),
             registered_model_name=name, pip_requirements=mlflow_pyfunc.PIP_REQUIREMENTS)
     client = MlflowClient()
@@ -103,7 +109,7 @@ def local_model_dir(ref: str, tracking_uri: str | None = None) -> str:
         check_reference(ref)
         cache = workspace.subdir("models") / hashlib.sha256(ref.encode()).hexdigest()[:16]
         path = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(cache))
-        return model_folder(Path(path) / "artifacts" / "binding", ref)
+        return model_folder(Path(path) / "artifacts" / ARTIFACT, ref)
     return model_folder(Path(ref), ref)
 
 
