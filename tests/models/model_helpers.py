@@ -31,6 +31,12 @@ def twin(name: str = "tiny", **changes) -> ModelConfig:
     return dataclasses.replace(ModelConfig.from_name(name).tiny_twin(), **changes)
 
 
+def shared(config: ModelConfig) -> ModelConfig:
+    """The config with video frames going through the image tower (ImageBind-style weight sharing)."""
+    return dataclasses.replace(config, video=VideoTowerConfig(share_image_tower=True, frame=None,
+                                                             temporal_layers=config.video.temporal_layers))
+
+
 def unshared(config: ModelConfig) -> ModelConfig:
     frame = TowerConfig(width=32, layers=1, heads=2, patch_size=config.image.patch_size)
     return dataclasses.replace(config, video=VideoTowerConfig(share_image_tower=False, frame=frame))

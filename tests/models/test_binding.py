@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from model_helpers import batch_for, random_input, twin, unshared
+from model_helpers import batch_for, random_input, shared, twin, unshared
 
 from models.binding import BindingModel, BindingOutput, split_batch
 from models.config import available_models
@@ -82,7 +82,7 @@ def test_gradients_reach_present_towers_only(present):
 
 def test_shared_tower_gets_video_gradients_but_temporal_layers_do_not_get_image_ones():
     torch.manual_seed(0)
-    model = BindingModel(twin())
+    model = BindingModel(shared(twin()))
     assert model.encoders["video"].frame_encoder is model.encoders["image"]
     out = model(batch_for(model.config, ("image", "text"), batch=4))
     ContrastiveLoss()(out).total.backward()

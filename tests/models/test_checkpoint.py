@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from model_helpers import batch_for, twin, unshared
+from model_helpers import batch_for, shared, twin, unshared
 from safetensors import safe_open
 
 from models.binding import BindingModel
@@ -52,7 +52,7 @@ def test_round_trip_gives_identical_embeddings(tmp_path, make_config):
 
 
 def test_shared_tower_is_stored_once_and_tied_again_on_load(tmp_path):
-    model = _trained_a_little(twin())
+    model = _trained_a_little(shared(twin()))
     save_model(model, tmp_path)
     with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
         keys = set(f.keys())

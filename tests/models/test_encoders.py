@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from model_helpers import random_input
+from model_helpers import random_input, shared
 
 from models.config import ModelConfig, TowerConfig, VideoTowerConfig, available_models
 from models.encoders import EncoderOutput, PatchEncoder, TextEncoder, VideoEncoder, build_encoders
@@ -45,7 +45,7 @@ def test_twin_encoders_shapes_and_dtypes(name):
 
 
 def test_video_shares_the_image_tower_module_when_configured():
-    config = ModelConfig.from_name("tiny").tiny_twin()
+    config = shared(ModelConfig.from_name("tiny").tiny_twin())
     encoders = build_encoders(config)
     assert encoders["video"].frame_encoder is encoders["image"]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from model_helpers import batch_for, twin
+from model_helpers import shared as shared_tower
 
 from models.binding import BindingModel
 from models.checkpoint import ConfigMismatchError, load_model
@@ -95,7 +96,7 @@ def test_freeze_unused_keeps_only_used_towers_trainable():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == tower_parameter_ids(model, ["audio"])
     assert not model.logit_scale.requires_grad
-    shared = BindingModel(twin())
+    shared = BindingModel(shared_tower(twin()))
     freeze_unused(shared, ["video"], keep_temperature=True)
     # video shares the image ViT: using video keeps that ViT trainable, and the temperature too
     assert all(p.requires_grad for p in shared.encoders["image"].parameters())

@@ -69,6 +69,9 @@ def test_unknown_keys_name_the_field(patch, field):
         ModelConfig.from_dict({**_tiny_dict(), **patch})
 
 
+SHARED = {"share_image_tower": True, "temporal_layers": 1}  # video frames through the image tower
+
+
 @pytest.mark.parametrize("patch, field", [
     ({"embed_dim": 0}, "embed_dim"),
     ({"embed_dim": True}, "embed_dim"),
@@ -81,11 +84,11 @@ def test_unknown_keys_name_the_field(patch, field):
     ({"image": {"width": 96, "layers": 3, "heads": 4, "patch_size": 7}}, "image.patch_size"),
     ({"image": {"width": 96, "layers": 3, "heads": 4}}, "image.patch_size"),
     ({"audio": {"width": 64, "layers": 2, "heads": 4, "patch_size": 999}}, "audio.patch_size"),
-    ({"inputs": {"image_size": 64, "video_size": 32}}, "inputs.video_size"),
+    ({"inputs": {"image_size": 64, "video_size": 32}, "video": SHARED}, "inputs.video_size"),
     ({"inputs": {"context_length": -3}}, "inputs.context_length"),
     ({"video": {"share_image_tower": False}}, "video.frame"),
     ({"video": {"share_image_tower": True, "temporal_layers": -1}}, "video.temporal_layers"),
-    ({"image": None}, "video.share_image_tower"),
+    ({"image": None, "video": SHARED}, "video.share_image_tower"),
 ])
 def test_bad_values_name_the_field(patch, field):
     with pytest.raises(ValueError, match=rf"^{field}: "):
