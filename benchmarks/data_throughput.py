@@ -285,6 +285,7 @@ def summarize(results: dict, args, load_before: tuple) -> dict:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "setup": {"shards": args.shards, "shard_size": args.shard_size, "workers": WORKERS, "batch_size": BATCH,
+                  "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_num_workers")},
                   "rounds": args.rounds, "modalities": ["image", "text", "audio", "video"],
                   "spec": "models.spec.InputSpec() defaults"},
         "samples_per_s": {"A_raybind_reader": a, "B_webdataset_dataloader": b, "C_decode_only": c,
@@ -342,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps((child_b if method == "B" else child_c)(urls)))
         return 0
     load_before = os.getloadavg()
+    # Keep one spare idle worker instead of killing it: at every read-task boundary Ray starts a
+    # worker process (~0.7 s of CPU) that becomes surplus a moment later and is killed after 1 s
+    # idle (the default soft limit is num_cpus). Recommended for ensure_ray() on small machines.
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKERS + 2))
     from pipelines import workspace
     from pipelines.ray_runtime import ensure_ray
 

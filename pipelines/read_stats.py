@@ -100,6 +100,17 @@ class _StatsActor:
 
 
 ACTOR_NAME = "raybind-read-stats"
+_actors: dict[str, Any] = {}  # job id -> handle: keeps the actor alive between data sets
+
+
+def shared_actor():
+    """This job's stats actor. A named actor still dies when its last handle goes away, and a new
+    ReadStats could then get the dying one, so this process keeps a handle for the job's life."""
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _actors:
+        _actors.clear()  # handles of an earlier (shut down) Ray session
+        _actors[job] = _StatsActor.options(name=ACTOR_NAME, get_if_exists=True).remote()
+    return _actors[job]
 REPORT_EVERY_S = 1.0  # block reports per task at most this often (each costs the actor ~5 ms of CPU)
 
 
@@ -113,7 +124,7 @@ class ReadStats:
     failure_fraction, shards_done, shards_planned}."""
 
     def __init__(self):
-        self.actor = _StatsActor.options(name=ACTOR_NAME, get_if_exists=True).remote()
+        self.actor = shared_actor()
         self.id = uuid.uuid4().hex
         self._owner = True  # only the instance made here frees the ledger, not pickled copies
 

@@ -4,7 +4,7 @@ Why not `ray.data.read_webdataset`: it builds one pandas DataFrame per sample an
 video undecoded (see benchmarks/results/data_throughput.md). Here a read task streams its tar
 (`tarfile` in stream mode over an fsspec file, so S3 is read sequentially, never seeked), groups
 members by key, filters the split, shuffles in a bounded window, decodes with `models.decode`, and
-yields Arrow blocks of `samples_per_block` samples (numpy tensors as Arrow tensor columns).
+yields Arrow blocks of `block_rows` samples (numpy tensors as Arrow tensor columns).
 
 Per-shard failure handling: a shard that cannot be opened is `unreadable_shard`; a tar that fails
 before its first member is `corrupt_tar`; one that fails later is `truncated_tar` (the sample being
@@ -232,11 +232,12 @@ def read_shard(task: ShardTask, cfg: ReaderConfig, spec: InputSpec, ledger: tupl
     report = Reporter(ledger[0], ledger[1], (task.epoch, task.shard.name))
     rng = np.random.default_rng(list(task.seed))
     rows: list[dict] = []
+    rows_per_block = block_rows(cfg, spec)
     for key, members, meta in iter_candidates(task, cfg, rng, counts):
         row = decode_one(key, members, meta, cfg, spec, counts, task.shard)
         if row is not None:
             rows.append(row)
-        if len(rows) >= cfg.samples_per_block:
+        if len(rows) >= rows_per_block:
             yield to_block(rows, cfg, spec)
             rows = []
             report(counts.as_dict(), final=False)
@@ -251,6 +252,16 @@ def read_shard(task: ShardTask, cfg: ReaderConfig, spec: InputSpec, ledger: tupl
 def bytes_per_sample(cfg: ReaderConfig, spec: InputSpec) -> int:
     """Decoded size of one row, for Ray Data's memory planning."""
     return sum(int(np.prod(spec.shape(m))) * (8 if m == "text" else 4) + 1 for m in cfg.modalities) + 256
+
+
+AUTO_BLOCK_BYTES = 64 * 2**20
+
+
+def block_rows(cfg: ReaderConfig, spec: InputSpec) -> int:
+    """Rows per block: cfg.samples_per_block, or (0) as many as fit in about 64 MiB (16 .. 1024)."""
+    if cfg.samples_per_block:
+        return cfg.samples_per_block
+    return int(np.clip(AUTO_BLOCK_BYTES // bytes_per_sample(cfg, spec), 16, 1024))
 
 
 class ShardDatasource(Datasource):
