@@ -80,10 +80,11 @@ def fetch_and_load(ref: ModelRef, tracking_uri: str = ""):
 
     tmp = tempfile.mkdtemp(prefix="raybind-serve-model-")
     try:
+        # Only the weights folder (2 files), not the whole pyfunc model with its bundled code.
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{ref.name}/{ref.version}", dst_path=tmp,
+            artifact_uri=f"models:/{ref.name}/{ref.version}/artifacts/binding", dst_path=tmp,
             tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
-        folder = Path(path) / "artifacts" / "binding"
+        folder = Path(path)
         if not (folder / "config.json").is_file():
             raise ModelSourceError(f"{ref.uri} (version {ref.version}): no artifacts/binding/config.json; "
                                    "was it registered by raybind?")

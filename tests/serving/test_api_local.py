@@ -1,0 +1,246 @@
+"""The HTTP API in-process: the gateway's FastAPI app on 127.0.0.1 (uvicorn) over Serve's local
+testing mode (real Embedder / Searcher code, real @serve.batch queues, model from the real MLflow
+server). Happy paths per modality, auth, every limit, malformed inputs, in-place reload."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import requests
+from serving_helpers import TOKEN, LocalServer, auth, b64, mp4, png, post, wav, write_local_index
+
+LIMITS = {"max_body_bytes": 2_000_000, "max_items": 4, "max_item_bytes": 600_000, "max_text_chars": 200,
+          "max_labels": 8, "max_k": 10, "max_image_pixels": 100_000, "max_audio_seconds": 3.0,
+          "max_video_seconds": 2.5}
+
+
+@pytest.fixture(scope="module")
+def api(registry, model_dirs, token_file, tmp_path_factory):
+    index = write_local_index(model_dirs["trained"], tmp_path_factory.mktemp("local_index") / "index")
+    server = LocalServer({"model_uri": registry["champion"], "tracking_uri": registry["tracking_uri"]},
+                         {"index_path": str(index)}, {"token_file": str(token_file), "limits": LIMITS})
+    yield server
+    server.close()
+
+
+def item(modality: str, media: dict, **extra) -> dict:
+    if modality == "text":
+        return {"modality": "text", "text": "a large green triangle drifting up", **extra}
+    return {"modality": modality, "data": b64(media[modality]), **extra}
+
+
+def error(resp: requests.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()["error"]
+    assert set(body) == {"code", "field", "message"}
+    return body
+
+
+# ----------------------------------------------------------------------------- happy paths
+def test_probes_docs_and_model_info(api, registry):
+    assert requests.get(api.url + "/healthz").json() == {"status": "ok"}
+    ready = requests.get(api.url + "/readyz").json()
+    assert ready["ready"] and ready["model"]["loaded"] and ready["index"]["loaded"], ready
+    assert "swagger" in requests.get(api.url + "/docs").text.lower()
+    spec = requests.get(api.url + "/openapi.json").json()
+    content = spec["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(content) and "EmbedIn" in spec["components"]["schemas"]
+    info = requests.get(api.url + "/v1/model", headers=auth()).json()
+    assert (info["name"], info["version"], info["alias"]) == (registry["name"], registry["versions"]["trained"],
+                                                              "champion")
+    assert info["batching"]["text"]["max_batch_size"] == 64 and info["index"]["rows"]["video"] == 24
+
+
+def test_embed_every_modality_json_and_matches_the_library(api, media, model_dirs):
+    import torch
+
+    from models.checkpoint import load_model
+    from models.decode import decode_image, tokenize
+
+    items = [item(m, media) for m in ("text", "image", "audio", "video")]
+    resp = post(api.url, "/v1/embed", json={"items": items})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["dimension"] == 64 and [d["modality"] for d in body["data"]] == ["text", "image", "audio", "video"]
+    vectors = np.asarray([d["embedding"] for d in body["data"]])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    model = load_model(model_dirs["trained"]).eval()  # the same decode + encode as the library
+    spec = model.config.inputs
+    with torch.no_grad():
+        text = model.encode("text", torch.as_tensor(tokenize([items[0]["text"]], spec.context_length)))[0]
+        image = model.encode("image", torch.as_tensor(decode_image(media["image"], spec)[None]))[0]
+    assert np.allclose(vectors[0], text.numpy(), atol=1e-5) and np.allclose(vectors[1], image.numpy(), atol=1e-5)
+
+
+def test_embed_multipart_keeps_part_order(api, media):
+    files = [("audio", ("clip.wav", media["audio"], "audio/wav")), ("text", (None, "a blue circle")),
+             ("video", ("clip", media["video"], "application/octet-stream")),  # no extension: sniffed
+             ("image", ("frame.jpg", media["image"], "image/jpeg"))]
+    resp = post(api.url, "/v1/embed", files=files)
+    assert resp.status_code == 200, resp.text
+    assert [d["modality"] for d in resp.json()["data"]] == ["audio", "text", "video", "image"]
+
+
+def test_zero_shot_every_modality(api, media):
+    from pipelines import shapesworld
+
+    colors = list(shapesworld.ATTRIBUTES["color"])
+    for modality in ("text", "image", "audio", "video"):
+        resp = post(api.url, "/v1/zero-shot", json={"item": item(modality, media), "labels": colors,
+                                                     "template": "a {} shape", "top_k": 3})
+        assert resp.status_code == 200, resp.text
+        labels = resp.json()["labels"]
+        assert len(labels) == 3 and {lab["label"] for lab in labels} <= set(colors)
+        assert labels == sorted(labels, key=lambda lab: -lab["probability"])
+    scene = shapesworld.make_scene(0, 7)  # the sample `media` holds: the trained model knows colours
+    files = [("image", ("f.jpg", media["image"], "image/jpeg"))] + [("labels", (None, c)) for c in colors]
+    resp = post(api.url, "/v1/zero-shot", files=files + [("template", (None, "a {label} shape"))])
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["labels"][0]["label"] == scene.attributes["color"]
+    assert abs(sum(lab["probability"] for lab in resp.json()["labels"]) - 1) < 1e-4
+
+
+def test_search_every_target_json_and_multipart(api, media):
+    for target in ("image", "text", "audio", "video"):
+        resp = post(api.url, "/v1/search", json={"query": item("text", media), "target": target, "k": 5})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        hits = body["results"]
+        assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        assert all(h["modality"] == target and h["caption"] and h["labels"]["color"] and h["url"] for h in hits)
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    files = {"audio": ("a.wav", media["audio"], "audio/wav"), "target": (None, "video"), "k": (None, "3")}
+    resp = post(api.url, "/v1/search", files=files)
+    assert resp.status_code == 200 and len(resp.json()["results"]) == 3, resp.text
+    assert "warning" in resp.json()  # the local index records no model version: flagged, not hidden
+
+
+# ----------------------------------------------------------------------------- auth
+def test_every_v1_route_needs_the_token(api, media):
+    routes = [("post", "/v1/embed", {"json": {"items": [item("text", media)]}}),
+              ("post", "/v1/zero-shot", {"json": {"item": item("text", media), "labels": ["a"]}}),
+              ("post", "/v1/search", {"json": {"query": item("text", media), "target": "image"}}),
+              ("get", "/v1/model", {})]
+    for method, path, kwargs in routes:
+        for headers in ({}, auth("wrong-token-wrong-token"), {"Authorization": TOKEN}, {"Authorization": "Basic x"}):
+            resp = getattr(requests, method)(api.url + path, headers=headers, timeout=30, **kwargs)
+            assert error(resp, 401)["field"] == "Authorization" and "Bearer" in resp.headers["WWW-Authenticate"]
+        assert getattr(requests, method)(api.url + path, headers=auth(), timeout=60, **kwargs).status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert requests.get(api.url + path).status_code == 200
+
+
+# ----------------------------------------------------------------------------- limits
+def test_every_limit(api, media):
+    big_body = json.dumps({"items": [{"modality": "text", "text": "x" * 100}] * 30_000})
+    cases = {
+        "body_too_large": post(api.url, "/v1/embed", data=big_body, headers={"Content-Type": "application/json"}),
+        "body_too_large (chunked)": post(api.url, "/v1/embed", headers={"Content-Type": "application/json"},
+                                         data=(big_body[i:i + 65536].encode() for i in range(0, len(big_body), 65536))),
+        "too_many_items": post(api.url, "/v1/embed", json={"items": [item("text", media)] * 5}),
+        "too_many_items (multipart)": post(api.url, "/v1/embed", files=[("text", (None, "a"))] * 5),
+        "item_too_large": post(api.url, "/v1/embed", json={"items": [
+            {"modality": "image", "data": b64(b"\x89PNG" + b"\0" * 700_000)}]}),
+        "text_too_long": post(api.url, "/v1/embed", json={"items": [{"modality": "text", "text": "y" * 201}]}),
+        "too_many_labels": post(api.url, "/v1/zero-shot", json={"item": item("text", media),
+                                                                "labels": [f"l{i}" for i in range(9)]}),
+        "too_many_pixels": post(api.url, "/v1/embed", json={"items": [
+            {"modality": "image", "data": b64(png(400, 400)), "format": "png"}]}),
+        "audio_too_long": post(api.url, "/v1/embed", json={"items": [{"modality": "audio", "data": b64(wav(5.0))}]}),
+        "video_too_long": post(api.url, "/v1/embed", json={"items": [{"modality": "video", "data": b64(mp4(40))}]}),
+    }
+    for name, resp in cases.items():
+        code = name.split(" ")[0]
+        assert error(resp, 413)["code"] == code, (name, resp.text)
+    assert error(post(api.url, "/v1/search", json={"query": item("text", media), "target": "image", "k": 11}),
+                 422)["field"] == "k"
+    assert post(api.url, "/v1/embed", json={"items": [item("text", media)] * 4}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- malformed inputs
+def malformed_cases(media: dict) -> list[tuple[dict, int, str | None]]:
+    """(request kwargs, expected status, expected error field) for POST /v1/embed."""
+    ctype = {"Content-Type": "application/json"}
+    garbage = b64(b"\x00\x01garbage" * 50)
+    return [
+        ({"data": "{", "headers": ctype}, 400, "body"),
+        ({"data": "[1, 2]", "headers": ctype}, 400, "body"),
+        ({"data": b"\xff\xfe{}", "headers": ctype}, 400, "body"),
+        ({"data": "[" * 100_000 + "]" * 100_000, "headers": ctype}, 400, "body"),
+        ({"json": {}}, 422, "items"),
+        ({"json": {"items": []}}, 422, "items"),
+        ({"json": {"items": "text"}}, 422, "items"),
+        ({"json": {"items": [{"modality": "smell", "text": "x"}]}}, 422, "items[0].modality"),
+        ({"json": {"items": [{"modality": "text", "text": 5}]}}, 422, "items[0].text"),
+        ({"json": {"items": [item("text", media)], "extra": 1}}, 422, "extra"),
+        ({"json": {"items": [{"modality": "image", "data": "not base64!"}]}}, 400, "items[0].data"),
+        ({"json": {"items": [item("text", media), {"modality": "image", "data": garbage}]}}, 422, "items[1].data"),
+        ({"json": {"items": [{"modality": "audio", "data": garbage}]}}, 422, "items[0].data"),
+        ({"json": {"items": [{"modality": "video", "data": garbage, "format": "mp4"}]}}, 422, "items[0].data"),
+        ({"json": {"items": [{"modality": "video", "data": b64(media["video"][:300])}]}}, 422, "items[0].data"),
+        ({"json": {"items": [{"modality": "image", "data": b64(media["image"][:100])}]}}, 422, "items[0].data"),
+        ({"data": "x", "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type"),
+        ({"data": "x"}, 415, "Content-Type"),
+        ({"files": {"nothing": (None, "x")}}, 422, "nothing"),
+        ({"files": {"image": (None, "not a file")}}, 422, "image[0]"),
+        ({"data": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 422, "items"),
+    ]
+
+
+def test_malformed_inputs_are_4xx_naming_the_field(api, media):
+    for kwargs, status, field in malformed_cases(media):
+        resp = post(api.url, "/v1/embed", **kwargs)
+        assert error(resp, status)["field"] == field, (kwargs.get("json") or str(kwargs)[:80], resp.text)
+    assert error(post(api.url, "/v1/zero-shot", json={"item": item("text", media), "labels": []}), 422)["field"] == "labels"
+    assert error(post(api.url, "/v1/zero-shot", files={"text": (None, "x")}), 422)["field"] == "labels"
+    assert error(post(api.url, "/v1/search", json={"query": item("text", media)}), 422)["field"] == "target"
+    assert error(post(api.url, "/v1/search", json={"query": item("text", media), "target": "x"}), 422)["field"] == "target"
+    assert error(requests.get(api.url + "/v1/embed", headers=auth()), 405)["code"] == "method_not_allowed"
+    assert error(requests.get(api.url + "/nope"), 404)["code"] == "not_found"
+    assert requests.get(api.url + "/readyz").json()["ready"]
+    assert post(api.url, "/v1/embed", json={"items": [item("image", media)]}).status_code == 200
+
+
+def test_metrics_count_endpoint_modality_and_status(api, media):
+    post(api.url, "/v1/embed", json={"items": [item("audio", media)]})
+    post(api.url, "/v1/embed", json={"items": [{"modality": "audio", "data": b64(b"junk" * 10)}]})
+    text = requests.get(api.url + "/metrics").text
+    assert 'raybind_requests_total{endpoint="/v1/embed",modality="audio",status="200"}' in text
+    assert 'raybind_requests_total{endpoint="/v1/embed",modality="audio",status="422"}' in text
+    assert 'raybind_items_total{endpoint="/v1/embed",modality="audio"}' in text
+    assert "raybind_request_seconds_bucket" in text
+
+
+# ----------------------------------------------------------------------------- reload
+def test_reload_swaps_models_under_load_and_a_bad_alias_keeps_the_old(api, registry, media):
+    """In-place reconfigure (what a user_config change does in a replica) while requests flow."""
+    base = {"model_uri": registry["champion"], "tracking_uri": registry["tracking_uri"]}
+    statuses, versions, stop = [], set(), threading.Event()
+
+    def client():
+        while not stop.is_set():
+            resp = post(api.url, "/v1/embed", json={"items": [item("text", media), item("image", media)]})
+            statuses.append(resp.status_code)
+            if resp.status_code == 200:
+                versions.add(resp.json()["model"]["version"])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        api.embedder.reconfigure.remote({**base, "model_uri": registry["candidate"]}).result(timeout_s=120)
+        assert requests.get(api.url + "/v1/model", headers=auth()).json()["version"] == registry["versions"]["other"]
+        api.embedder.reconfigure.remote({**base, "model_uri": f"models:/{registry['name']}@nope"}).result(timeout_s=60)
+        info = requests.get(api.url + "/v1/model", headers=auth()).json()
+        assert info["version"] == registry["versions"]["other"] and "nope" in info["last_error"]
+        api.embedder.reconfigure.remote(base).result(timeout_s=120)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert versions == {registry["versions"]["trained"], registry["versions"]["other"]}
+    assert requests.get(api.url + "/v1/model", headers=auth()).json()["version"] == registry["versions"]["trained"]

@@ -1,0 +1,146 @@
+"""Pure functions of the serving package: auth, base64 / format handling, settings, ranking, top-k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from serving import index_store
+from serving.api import rank_labels, zero_shot_prompts
+from serving.auth import TokenError, check_bearer, load_token
+from serving.errors import ApiError, field_path
+from serving.inputs import decode_base64, json_item, sniff_ext
+from serving.model_source import ModelSourceError, parse_models_uri
+from serving.schemas import ItemIn, ZeroShotOptions
+from serving.settings import AppArgs, EmbedderConfig, Limits
+
+TOKEN = "s3cret-token-of-enough-length"
+
+
+def test_bearer_accepts_only_the_exact_token():
+    check_bearer(f"Bearer {TOKEN}", TOKEN)
+    check_bearer(f"bearer {TOKEN}", TOKEN)  # the scheme is case-insensitive (RFC 7235)
+    for header in (None, "", TOKEN, f"Basic {TOKEN}", "Bearer ", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+                   "Bearer ünïcödé"):
+        with pytest.raises(ApiError) as err:
+            check_bearer(header, TOKEN)
+        assert err.value.status == 401 and err.value.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_token_from_file_env_and_refusals(tmp_path, monkeypatch):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    assert load_token(str(path), "UNUSED_VAR") == TOKEN
+    monkeypatch.setenv("RAYBIND_TEST_TOKEN", TOKEN)
+    assert load_token("", "RAYBIND_TEST_TOKEN") == TOKEN
+    monkeypatch.setenv("RAYBIND_TEST_TOKEN", "short")
+    with pytest.raises(TokenError, match="at least"):
+        load_token("", "RAYBIND_TEST_TOKEN")
+    monkeypatch.delenv("RAYBIND_TEST_TOKEN")
+    with pytest.raises(TokenError, match="no serving token"):
+        load_token("", "RAYBIND_TEST_TOKEN")
+    with pytest.raises(TokenError, match="cannot read"):
+        load_token(str(tmp_path / "missing"), "RAYBIND_TEST_TOKEN")
+
+
+def test_base64_strict_with_data_urls_and_line_breaks():
+    limits = Limits()
+    assert decode_base64("aGVsbG8=", "f", limits) == (b"hello", "")
+    assert decode_base64("aGVs\nbG8=", "f", limits) == (b"hello", "")
+    assert decode_base64("data:image/png;base64,aGVsbG8=", "f", limits) == (b"hello", "png")
+    for bad in ("aGVsbG8", "a$b=", "data:image/png,aGVsbG8=", "data:;base64"):
+        with pytest.raises(ApiError) as err:
+            decode_base64(bad, "items[0].data", limits)
+        assert err.value.status == 400 and err.value.field == "items[0].data"
+    with pytest.raises(ApiError) as err:
+        decode_base64("A" * 400, "f", Limits(max_item_bytes=100))
+    assert err.value.status == 413
+
+
+def test_json_items_name_the_field():
+    limits = Limits(max_text_chars=10)
+    assert json_item(ItemIn(modality="text", text="hi"), "items[0]", limits).text == "hi"
+    cases = [(ItemIn(modality="text"), 422, "items[0].text"),
+             (ItemIn(modality="text", text="   "), 422, "items[0].text"),
+             (ItemIn(modality="text", text="x" * 11), 413, "items[0].text"),
+             (ItemIn(modality="image", text="x"), 422, "items[0].data"),
+             (ItemIn(modality="image", data=""), 422, "items[0].data"),
+             (ItemIn(modality="audio", data="aGVsbG8=", format="png"), 422, "items[0].format")]
+    for item, status, field in cases:
+        with pytest.raises(ApiError) as err:
+            json_item(item, "items[0]", limits)
+        assert (err.value.status, err.value.field) == (status, field), item
+
+
+def test_sniffing_picks_the_demuxer():
+    assert sniff_ext("image", b"\x89PNG\r\n") == "png"
+    assert sniff_ext("audio", b"RIFF....WAVEfmt ") == "wav"
+    assert sniff_ext("audio", b"fLaC") == "flac"
+    assert sniff_ext("audio", b"OggS") == "ogg"
+    assert sniff_ext("audio", b"ID3\x03") == "mp3"
+    assert sniff_ext("video", b"\x00\x00\x00\x20ftypisom") == "mp4"
+    assert sniff_ext("video", b"\x1a\x45\xdf\xa3") == "webm"
+
+
+def test_zero_shot_prompts_and_ranking():
+    opts = ZeroShotOptions(labels=[" red ", "blue"], template="a {label} {} shape")
+    assert zero_shot_prompts(opts, Limits()) == ["a red {} shape", "a blue {} shape"]
+    # A format-string template is never evaluated (no attribute access on user input).
+    evil = ZeroShotOptions(labels=["x"], template="{0.__class__} {}")
+    assert zero_shot_prompts(evil, Limits()) == ["{0.__class__} x"]
+    with pytest.raises(ApiError) as err:
+        zero_shot_prompts(ZeroShotOptions(labels=["a", "b", "c"]), Limits(max_labels=2))
+    assert err.value.status == 413 and err.value.field == "labels"
+    for bad in ({"labels": []}, {"labels": ["a", "a"]}, {"labels": [""]}, {"labels": ["a"], "template": "no slot"}):
+        with pytest.raises(ValidationError):
+            ZeroShotOptions.model_validate(bad)
+    ranked = rank_labels(["a", "b", "c"], [0.1, 0.3, 0.2], 10.0, top_k=2)
+    assert [r["label"] for r in ranked] == ["b", "c"]
+    full = rank_labels(["a", "b", "c"], [0.1, 0.3, 0.2], 10.0, None)
+    assert abs(sum(r["probability"] for r in full) - 1) < 1e-5
+
+
+def test_settings_are_strict():
+    with pytest.raises(ValidationError, match="unknown_field"):
+        AppArgs.model_validate({"gateway": {"unknown_field": 1}})
+    with pytest.raises(ValidationError, match="batching"):
+        EmbedderConfig.model_validate({"batching": {"smell": {"max_batch_size": 2}}})
+    with pytest.raises(ValidationError):
+        EmbedderConfig.model_validate({"batching": {"text": {"max_batch_size": 0}}})
+    assert EmbedderConfig().batch("video").max_batch_size == 8
+
+
+def test_models_uri_forms():
+    assert parse_models_uri("models:/m@champion") == ("m", "", "champion")
+    assert parse_models_uri("models:/m/3") == ("m", "3", "")
+    for bad in ("models:/m", "models:/m/latest", "models:/@x", "models:/m@"):
+        with pytest.raises(ModelSourceError):
+            parse_models_uri(bad)
+
+
+def test_field_paths():
+    assert field_path(("body", "items", 2, "modality")) == "items[2].modality"
+    assert field_path(("body",)) == "body"
+
+
+def test_exact_top_k_matches_a_full_sort():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((1000, 16)).astype(np.float32)
+    query = rng.standard_normal(16).astype(np.float32)
+    ids, scores = index_store.exact_top_k(vectors, query, 10)
+    assert ids.tolist() == np.argsort(-(vectors @ query))[:10].tolist()
+    assert np.all(np.diff(scores) <= 0)
+    assert len(index_store.exact_top_k(vectors[:3], query, 10)[0]) == 3
+
+
+def test_hnsw_recall_on_normalised_vectors():
+    """The optional ANN backend (faiss-cpu): recall@10 against the exact scan on 5k x 64 vectors
+    (random directions: a harder case than clustered real embeddings)."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((5_000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    part = index_store.ModalityIndex(vectors, [str(i) for i in range(len(vectors))], [], [], [], [])
+    part.ann = index_store.build_hnsw(vectors, m=16, ef_construction=64, ef_search=64)
+    assert index_store.recall_at_k(part, vectors[:100] + 0.01, 10) >= 0.9
