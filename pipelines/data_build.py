@@ -92,7 +92,6 @@ class BuildConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        require(bool(self.input), "input", "is required: a folder, or a .csv / .parquet / .jsonl table")
         require(self.shard_size > 0, "shard_size", f"must be > 0, got {self.shard_size}")
         require(self.limit >= 0, "limit", "must be >= 0 (0 = all)")
         require(bool(self.splits) and all(v >= 0 for v in self.splits.values()), "splits",
@@ -609,6 +608,8 @@ def build_dataset(cfg: BuildConfig) -> dict:
     """Write the data set; returns a summary. Bad input / output locations fail before Ray starts."""
     from pipelines.ray_runtime import ensure_ray
 
+    # Checked here, not in __post_init__: the shipped YAML (input: "") must load before --input is given.
+    require(bool(cfg.input), "input", "is required: a folder, or a .csv / .parquet / .jsonl table (--input)")
     cfg = resolve_paths(cfg)
     entries, pre_fails, ignored = scan_inputs(cfg)
     entries = entries[:cfg.limit] if cfg.limit else entries

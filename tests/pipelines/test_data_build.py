@@ -222,6 +222,14 @@ def test_bad_inputs_fail_early_and_name_the_problem(tmp_path):
         build_dataset(BuildConfig(input=str(tmp_path / "in"), out=str(tmp_path / "full")))
     with pytest.raises(ConfigError, match="splits: fractions must add up to 1"):
         BuildConfig(input="x", splits={"train": 0.5})
+    with pytest.raises(ConfigError, match="input: is required"):
+        build_dataset(BuildConfig())
+
+
+def test_shipped_yaml_is_the_defaults():
+    from pipelines.config import load_config
+
+    assert load_config(BuildConfig, Path(__file__).resolve().parents[2] / "configs/data_build.yaml") == BuildConfig()
 
 
 def test_hashed_split_is_deterministic_and_follows_the_fractions():
