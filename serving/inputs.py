@@ -59,15 +59,16 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def body_kind(request: Request) -> str:
-    """'json' or 'multipart' from Content-Type; anything else is 415."""
+    """'json' or 'form' (multipart, or urlencoded: text-only forms such as `curl -d text=...`) from
+    Content-Type; anything else is 415."""
     ctype = request.headers.get("content-type", "")
     main = ctype.split(";", 1)[0].strip().lower()
     if main == "application/json" or (main.startswith("application/") and main.endswith("+json")):
         return "json"
-    if main == "multipart/form-data":
-        return "multipart"
-    raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type must be application/json or multipart/form-data, got {ctype or 'none'!r}",
+    if main in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return "form"
+    raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json, multipart/form-data or "
+                   f"application/x-www-form-urlencoded, got {ctype or 'none'!r}",
                    "Content-Type")
 
 

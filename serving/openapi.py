@@ -15,7 +15,7 @@ DESCRIPTION = """One embedding space for image, text, audio and video, served fr
 
 Every `/v1/*` route needs `Authorization: Bearer <token>`. Bodies are `application/json` (media as
 base64 in `data`) or `multipart/form-data` (media as file parts named `image`, `audio`, `video`;
-text as `text` fields). Errors are `{"error": {"code", "field", "message"}}` with a 4xx status:
+text as `text` fields; text-only forms may also be `application/x-www-form-urlencoded`). Errors are `{"error": {"code", "field", "message"}}` with a 4xx status:
 400 malformed JSON / base64, 401 auth, 413 size limits, 415 content type, 422 invalid fields or
 undecodable media; 503 / 504 when a backend is unavailable.
 """

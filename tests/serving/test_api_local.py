@@ -82,6 +82,8 @@ def test_embed_multipart_keeps_part_order(api, media):
     resp = post(api.url, "/v1/embed", files=files)
     assert resp.status_code == 200, resp.text
     assert [d["modality"] for d in resp.json()["data"]] == ["audio", "text", "video", "image"]
+    resp = post(api.url, "/v1/embed", data={"text": ["a red circle", "a blue cross"]})  # urlencoded form
+    assert resp.status_code == 200 and len(resp.json()["data"]) == 2, resp.text
 
 
 def test_zero_shot_every_modality(api, media):

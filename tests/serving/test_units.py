@@ -144,3 +144,24 @@ def test_hnsw_recall_on_normalised_vectors():
     part = index_store.ModalityIndex(vectors, [str(i) for i in range(len(vectors))], [], [], [], [])
     part.ann = index_store.build_hnsw(vectors, m=16, ef_construction=64, ef_search=64)
     assert index_store.recall_at_k(part, vectors[:100] + 0.01, 10) >= 0.9
+
+
+def test_shipped_config_is_a_valid_serve_deploy_file():
+    """serving/config.yaml is Serve's own schema (so `serve deploy` takes it) and raybind's."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import build_app
+    from serving.settings import EmbedderConfig, GatewayConfig, SearcherConfig
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "serving" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:build_app" and callable(build_app)
+    GatewayConfig.model_validate(app.args["gateway"])
+    users = {d.name: d.user_config for d in app.deployments}
+    assert EmbedderConfig.model_validate(users["Embedder"]).model_uri.startswith("models:/")
+    assert SearcherConfig.model_validate(users["Searcher"]).ann == "exact"
