@@ -97,6 +97,7 @@ class TrainStream:
     spec_dict: dict
     run_dir: str
     samples_needed: int  # for the whole run, from step 0
+    label_fields: tuple[str, ...] = ()  # .json fields a task reads as labels (kept as string columns)
 
     def reader_config(self):
         from pipelines.reader import ReaderConfig
@@ -104,7 +105,8 @@ class TrainStream:
         c = self.config
         return ReaderConfig(modalities=c.modalities, split=c.train_split, seed=c.seed,
                             shuffle_window=c.shuffle_window, max_failure_fraction=c.max_failure_fraction,
-                            samples_per_block=c.samples_per_block, num_cpus_per_task=c.read_cpus)
+                            samples_per_block=c.samples_per_block, num_cpus_per_task=c.read_cpus,
+                            label_fields=self.label_fields)
 
     def __call__(self):
         from models.spec import InputSpec
