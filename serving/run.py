@@ -49,23 +49,32 @@ def ensure_token_file(gateway: dict) -> str:
 
 def localize(config: dict) -> dict[str, str]:
     """Absolute paths and a concrete tracking URI in every raybind application of the config
-    (replicas do not share the caller's working directory or environment)."""
+    (replicas do not share the caller's working directory or environment). Returns where each
+    application's token comes from."""
     token_sources = {}
     for app in config.get("applications", []):
         if app.get("import_path") != "serving.app:build_app":
             continue
         args = app.setdefault("args", {})
         token_sources[app.get("name", "default")] = ensure_token_file(args.setdefault("gateway", {}))
-        for dep in app.get("deployments", []):
-            user = dep.get("user_config") or {}
-            if dep.get("name") == "Embedder":
-                user["tracking_uri"] = user.get("tracking_uri") or default_tracking_uri()
-                uri = user.get("model_uri", "")
-                if uri and not uri.startswith("models:/") and "://" not in uri:
-                    user["model_uri"] = str(Path(uri).expanduser().resolve())
-            if dep.get("name") == "Searcher" and user.get("index_path") and "://" not in user["index_path"]:
-                user["index_path"] = str(Path(user["index_path"]).expanduser().resolve())
+        users = {dep.get("name"): dep["user_config"] for dep in app.get("deployments", []) if dep.get("user_config")}
+        # A deployment's user_config replaces the builder's args section, so localize whichever is used.
+        localize_embedder(users.get("Embedder") or args.setdefault("embedder", {}))
+        localize_searcher(users.get("Searcher") or args.setdefault("searcher", {}))
     return token_sources
+
+
+def localize_embedder(user: dict) -> None:
+    user["tracking_uri"] = user.get("tracking_uri") or default_tracking_uri()
+    uri = user.get("model_uri", "")
+    if uri and not uri.startswith("models:/") and "://" not in uri:
+        user["model_uri"] = str(Path(uri).expanduser().resolve())
+
+
+def localize_searcher(user: dict) -> None:
+    path = user.get("index_path", "")
+    if path and "://" not in path:
+        user["index_path"] = str(Path(path).expanduser().resolve())
 
 
 def start_ray() -> bool:

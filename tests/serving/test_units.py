@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -148,8 +150,6 @@ def test_hnsw_recall_on_normalised_vectors():
 
 def test_shipped_config_is_a_valid_serve_deploy_file():
     """serving/config.yaml is Serve's own schema (so `serve deploy` takes it) and raybind's."""
-    from pathlib import Path
-
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
@@ -165,3 +165,26 @@ def test_shipped_config_is_a_valid_serve_deploy_file():
     users = {d.name: d.user_config for d in app.deployments}
     assert EmbedderConfig.model_validate(users["Embedder"]).model_uri.startswith("models:/")
     assert SearcherConfig.model_validate(users["Searcher"]).ann == "exact"
+
+
+def test_localize_makes_paths_absolute_and_generates_a_token(tmp_path, monkeypatch):
+    import os
+
+    from serving.run import localize
+
+    monkeypatch.setenv("RAYBIND_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAYBIND_SERVE_TOKEN", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = {"applications": [{"name": "raybind", "import_path": "serving.app:build_app", "args": {},
+                                "deployments": [{"name": "Searcher", "user_config": {"index_path": "idx"}}]}]}
+    sources = localize(config)
+    app = config["applications"][0]
+    token_file = Path(app["args"]["gateway"]["token_file"])
+    assert sources["raybind"].endswith("(generated)") and len(token_file.read_text().strip()) >= 32
+    assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
+    assert app["deployments"][0]["user_config"]["index_path"] == str(tmp_path / "idx")
+    assert app["args"]["embedder"]["tracking_uri"] == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("RAYBIND_SERVE_TOKEN", "x" * 20)
+    again = {"applications": [{"name": "a", "import_path": "serving.app:build_app"}]}
+    assert localize(again) == {"a": "$RAYBIND_SERVE_TOKEN"}
