@@ -28,6 +28,7 @@ class Job:
     run: Callable[[Any], dict]
     default_config: str | None = None  # a file under configs/
     config_dir: str | None = None  # a folder under configs/ whose YAML files all configure this job
+    aliases: tuple[tuple[str, str], ...] = ()  # extra flags for nested fields: (("from", "init.from_model"),)
 
 
 def _repo_configs() -> Path:
@@ -52,6 +53,9 @@ def add_config_args(parser: argparse.ArgumentParser, job: Job) -> None:
                         help="override any config field, e.g. --set train.lr=1e-3 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     group = parser.add_argument_group("config fields (shortcuts for --set FIELD=VALUE)")
+    for flag, field_path in job.aliases:
+        group.add_argument(f"--{flag}", dest=f"field__{field_path}", metavar=field_path.upper(), default=None,
+                           help=f"sets {field_path}")
     for name, tp in _scalar_fields(job.config_cls):
         flag = "--" + name.replace("_", "-")
         if tp is bool:
@@ -106,8 +110,9 @@ def build_parser(jobs: dict[str, list[Job]]) -> tuple[argparse.ArgumentParser, d
                 add_config_args(p, job)
                 p.set_defaults(handler=lambda a, j=job: run_job(j, a))
             continue
-        gp = groups.add_parser(group_name, help=f"{group_name} commands")
-        sub = subs[group_name] = gp.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+        parent, _, child = group_name.rpartition(" ")  # "data example" nests under "data"
+        gp = subs[parent].add_parser(child, help=f"{group_name} commands")
+        sub = subs[group_name] = gp.add_subparsers(dest=f"command_{len(subs)}", required=True, metavar="SUBCOMMAND")
         for job in group_jobs:
             p = sub.add_parser(job.name, help=job.help, description=job.help)
             add_config_args(p, job)

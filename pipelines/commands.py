@@ -32,25 +32,67 @@ def _evaluate(cfg):
     return run_evaluate(cfg)
 
 
+def _finetune(cfg):
+    from pipelines.finetune import run_finetune
+
+    return run_finetune(cfg)
+
+
+def _index_build(cfg):
+    from pipelines.index import run_index_build
+
+    return run_index_build(cfg)
+
+
+def _data_build(cfg):
+    from pipelines.data_build import build_dataset
+
+    return build_dataset(cfg)
+
+
+def _tuxpaint(cfg):
+    from pipelines.tuxpaint import build_tuxpaint
+
+    return build_tuxpaint(cfg)
+
+
 def jobs() -> dict[str, list[Job]]:
+    from pipelines.data_build import BuildConfig
     from pipelines.demo import DemoConfig
     from pipelines.evaluate import EvaluateConfig
+    from pipelines.finetune import FinetuneConfig
+    from pipelines.index import IndexConfig
     from pipelines.pretrain import PretrainConfig
     from pipelines.synth import SynthConfig
+    from pipelines.tuxpaint import TuxpaintConfig
 
     return {
         "": [
-            Job("demo", "the main job on embedded defaults: synth ShapesWorld shards, read them back, "
-                "pretrain the tiny model on 2 CPU workers, evaluate, register", DemoConfig, _demo, "demo.yaml"),
+            Job("demo", "the main job on embedded defaults: synth ShapesWorld shards, pretrain the tiny "
+                "model on 2 CPU workers, evaluate, register", DemoConfig, _demo, "demo.yaml"),
             Job("pretrain", "contrastive pretraining on Ray Train (resume: same train.run_name), "
                 "tracked in MLflow, evaluated and registered", PretrainConfig, _pretrain,
                 "pretrain/tiny.yaml", config_dir="pretrain"),
             Job("evaluate", "retrieval R@K both ways for every modality pair and zero-shot accuracy per "
                 "attribute, with plots, logged to MLflow", EvaluateConfig, _evaluate),
+            Job("finetune", "fine-tune a registered model for a downstream task (fusion classification, "
+                "linear probe, retrieval) on Ray Train", FinetuneConfig, _finetune,
+                "finetune/classification.yaml", config_dir="finetune",
+                aliases=(("from", "init.from_model"),)),
+        ],
+        "index": [
+            Job("build", "embed shards with Ray Data batch inference into a Parquet search index",
+                IndexConfig, _index_build),
         ],
         "data": [
             Job("synth", "write ShapesWorld synthetic shards (image, text, audio, video) to a folder or "
                 "s3:// URL", SynthConfig, _synth, "synth.yaml"),
+            Job("build", "turn a folder or a CSV / Parquet / JSONL table of files + captions into shards",
+                BuildConfig, _data_build, "data_build.yaml"),
+        ],
+        "data example": [
+            Job("tuxpaint", "download Debian's Tux Paint stamps (GPL-2) with apt and build image-text and "
+                "image-audio-text shards from them", TuxpaintConfig, _tuxpaint),
         ],
     }
 
@@ -68,8 +110,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from serving.run import serve_from_config
+
+    serve_from_config(args.config)
+    return 0
+
+
 def extra_commands(subs: dict[str, Any]) -> None:
     """Commands that take positional arguments rather than a config."""
+    s = subs[""].add_parser("serve", help="start the Ray Serve app (embed, zero-shot, search) on 127.0.0.1",
+                            description="Deploy a Serve config file (the same file works with `serve deploy`); "
+                            "prints the URL and how to call it, then serves until Ctrl-C.")
+    s.add_argument("--config", default="serving/config.yaml", help="Serve config (default: serving/config.yaml)")
+    s.set_defaults(handler=_serve)
     p = subs["data"].add_parser("inspect", help="count, check and show a few samples of a shard data set",
                                 description="Read a data set through the reader: samples per modality, "
                                 "skipped samples per reason, sizes; optionally a contact sheet PNG.")
