@@ -16,8 +16,14 @@ from typing import Any
 
 import yaml
 
+from serving.settings import AppArgs
+
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 READY_TIMEOUT_S = 300.0
+
+
+class ServeDeployError(RuntimeError):
+    """An application did not reach RUNNING (the message carries Serve's reason, e.g. no token)."""
 
 
 def work_home() -> Path:
@@ -59,8 +65,12 @@ def localize(config: dict) -> dict[str, str]:
         token_sources[app.get("name", "default")] = ensure_token_file(args.setdefault("gateway", {}))
         users = {dep.get("name"): dep["user_config"] for dep in app.get("deployments", []) if dep.get("user_config")}
         # A deployment's user_config replaces the builder's args section, so localize whichever is used.
-        localize_embedder(users.get("Embedder") or args.setdefault("embedder", {}))
-        localize_searcher(users.get("Searcher") or args.setdefault("searcher", {}))
+        embedder = users.get("Embedder") or args.setdefault("embedder", {})
+        searcher = users.get("Searcher") or args.setdefault("searcher", {})
+        localize_embedder(embedder)
+        localize_searcher(searcher)
+        # Fail here, in one line naming the field, rather than later in a replica's log.
+        AppArgs.model_validate({**args, "embedder": embedder, "searcher": searcher})
     return token_sources
 
 
@@ -104,7 +114,7 @@ def wait_running(names: list[str], timeout: float = READY_TIMEOUT_S) -> dict[str
         states = {n: str(getattr(apps.get(n), "status", "NOT_STARTED")) for n in names}
         failed = {n: apps[n].message for n, s in states.items() if s.endswith("DEPLOY_FAILED")}
         if failed:
-            raise RuntimeError(f"deploy failed: {failed}")
+            raise ServeDeployError(f"deploy failed: {failed}")
         if all(s.endswith("RUNNING") for s in states.values()):
             return states
         if time.monotonic() > deadline:
