@@ -94,3 +94,17 @@ def test_member_names_follow_webdataset_keys():
     assert split_name("000000123.jpg") == ("000000123", "jpg")
     assert split_name("./dir/000000123.seg.PNG") == ("dir/000000123", "seg.png")
     assert split_name("README") is None and split_name("dir/.hidden") is None
+
+
+def test_reader_config_validates_and_loads_from_overrides():
+    from pipelines.config import ConfigError, load_config
+    from pipelines.reader import ReaderConfig
+
+    cfg = load_config(ReaderConfig, None, ["modalities=[image,text]", "limits.max_image_pixels=1000",
+                                           "split=val", "shard_split_fractions.val=0.5"])
+    assert cfg.modalities == ("image", "text") and cfg.limits.max_image_pixels == 1000
+    assert cfg.split == "val" and cfg.shard_split_fractions["val"] == 0.5
+    for bad, field in [(["modalities=[smell]"], "modalities"), (["max_failure_fraction=2"], "max_failure_fraction"),
+                       (["on_error=ignore"], "on_error"), (["split_by=shard", "split=dev"], "split")]:
+        with pytest.raises(ConfigError, match=field):
+            load_config(ReaderConfig, None, bad)
