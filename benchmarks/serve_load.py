@@ -278,6 +278,30 @@ async def run_hostile(url: str, cases: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- the model alone
+def model_only() -> dict:
+    """Text encode time per item at batch 1 vs 64 in-process (torch 1 thread, as the Embedder):
+    the most batching can save per request; the rest of a request's cost is the HTTP path."""
+    import torch
+
+    from models.binding import BindingModel
+    from models.config import ModelConfig
+    from models.decode import tokenize
+
+    torch.set_num_threads(1)
+    model = BindingModel(ModelConfig.from_name("tiny")).eval()
+    out = {}
+    for batch, reps in ((1, 300), (64, 30)):
+        x = torch.as_tensor(tokenize((CAPTIONS * 16)[:batch], 32))
+        with torch.inference_mode():
+            model.encode("text", x)
+            start = time.perf_counter()
+            for _ in range(reps):
+                model.encode("text", x)
+        out[f"batch_{batch}_ms_per_item"] = round((time.perf_counter() - start) * 1000 / (reps * batch), 3)
+    return out
+
+
 # ----------------------------------------------------------------------------- ANN vs exact
 def ann_measurement(rows: int = 50_000, dim: int = 64, queries: int = 200) -> dict:
     """Exact scan vs faiss HNSW (the optional backend) on normalised random vectors: a hard case
@@ -376,11 +400,12 @@ def main() -> int:
 
     serve.shutdown()  # the ANN measurement gets the cores to itself
     ann = ann_measurement(rows=10_000 if args.quick else 50_000)
-    print("ann", ann, flush=True)
+    alone = model_only()
+    print("ann", ann, "model alone", alone, flush=True)
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(load_before),
               "quick": args.quick, "plan": plan, "text_embed_32_clients": runs, "mixed": mixed,
               "mixed_kinds": len(mixed_specs(sample_media(setup["data"]))), "hostile": hostile, "health_after": after,
-              "ann": ann}
+              "ann": ann, "model_alone": alone}
     write_results(report)
     return 0
 
@@ -427,7 +452,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {run['requests']} | {run['rps']} | {run['p50_ms']} | {run['p99_ms']} | "
                      f"{run['5xx']} | {run['dropped']} |")
     mx = r["mixed"]
-    lines += ["", f"Throughput ratio on/off: **{ratio:.2f}x** (target >= 3x).", "",
+    lines += ["", f"Throughput ratio on/off: **{ratio:.2f}x** (target >= 3x). The model alone (in-process, "
+              f"torch 1 thread): {json.dumps(r['model_alone'])}.", "",
               f"## {mx['requests']} mixed requests ({r['mixed_kinds']} kinds: every endpoint and modality, JSON and "
               "multipart; 16 clients)", "",
               "| 2xx | 4xx | 5xx | dropped | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|",
