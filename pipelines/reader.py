@@ -129,7 +129,7 @@ def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = No
     stats = stats or ReadStats()
     stats.plan([(t.epoch, t.shard.name) for t in tasks], cfg.max_failure_fraction,
                cfg.min_samples_for_failure_check)
-    ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, (stats.actor, stats.id)),
+    ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, stats),
                                   override_num_blocks=max(1, len(tasks)), num_cpus=cfg.num_cpus_per_task,
                                   concurrency=cfg.max_concurrency)
     ds.context.execution_options.preserve_order = cfg.preserve_order

@@ -32,7 +32,7 @@ from ray.data.datasource import Datasource, ReadTask
 from models import decode
 from models.spec import InputSpec
 from pipelines import storage
-from pipelines.read_stats import Reporter
+from pipelines.read_stats import ReadStats, Reporter
 from pipelines.shard_source import Shard
 
 if TYPE_CHECKING:
@@ -267,11 +267,12 @@ def block_rows(cfg: ReaderConfig, spec: InputSpec) -> int:
 class ShardDatasource(Datasource):
     """One ReadTask per shard, in the given (epoch) order."""
 
-    def __init__(self, tasks: list[ShardTask], cfg: ReaderConfig, spec: InputSpec, ledger: tuple[Any, str]):
-        """`ledger`: (stats actor handle, ReadStats id): not the ReadStats itself, whose __del__
-        in a worker would drop the driver's counters."""
+    def __init__(self, tasks: list[ShardTask], cfg: ReaderConfig, spec: InputSpec, stats: ReadStats):
+        """Holds `stats` so its ledger lives as long as the data set; read tasks get only
+        (actor handle, ledger id)."""
         super().__init__()
-        self.tasks, self.cfg, self.spec, self.ledger = tasks, cfg, spec, ledger
+        self.tasks, self.cfg, self.spec, self.stats = tasks, cfg, spec, stats
+        self.ledger = (stats.actor, stats.id)
         self.per_sample = bytes_per_sample(cfg, spec)
 
     def get_name(self) -> str:
