@@ -154,7 +154,8 @@ def test_pretrain_with_a_locked_minilm_text_tower_keeps_it_unchanged(ray_cluster
     repo = Path(__file__).resolve().parents[2]
     overrides = [f"data.train={data}", f"model.name={repo / 'configs/pretrain/tuxpaint-minilm.model.json'}",
                  f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage={tmp_path / 'runs'}",
-                 "train.steps=3", "train.batch_size=2", "train.checkpoint_every=3", "train.log_every=1",
+                 "train.steps=3", "train.batch_size=2", "train.num_workers=1", "train.checkpoint_every=3",
+                 "train.log_every=1",
                  "optim.warmup_steps=1", "mlflow.registered_model=", "eval.max_samples=16"]
     summary = run_pretrain(load_config(PretrainConfig, repo / "configs/pretrain/tuxpaint-minilm.yaml", overrides))
     assert summary["steps"] == 3 and "mean_R@1" in summary["eval"]
