@@ -61,6 +61,10 @@ def resolve_data(cfg: DataConfig) -> DataPlan:
     from pipelines.shard_source import resolve_shards
 
     train = cfg.train or str(workspace.home() / "data" / "shapesworld")
+    if not any(ch in train for ch in "*?[{"):  # a plain location: say so plainly if it is not there
+        fs, path = storage.filesystem(train)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"data.train: no shards found at {train} (nothing exists there)")
     shards = resolve_shards(train)
     if not shards:
         raise FileNotFoundError(f"data.train: no shards found at {train}")
