@@ -104,14 +104,21 @@ def test_resume_continues_at_step_and_data_position(shards, micro_model, mlflow_
 
 
 def train_worker_pids() -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    """PIDs of Ray Train worker processes (their title is `ray::RayTrainWorker...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
 
 
 def test_killed_worker_restores_and_finishes(shards, micro_model, mlflow_server, tmp_path):
     run_dir = tmp_path / "runs" / "killed"
+    killed: list[int] = []
 
     def killer():
         deadline = time.monotonic() + 240
@@ -120,6 +127,7 @@ def test_killed_worker_restores_and_finishes(shards, micro_model, mlflow_server,
                 pids = train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
                     return
             time.sleep(0.2)
 
@@ -128,6 +136,7 @@ def test_killed_worker_restores_and_finishes(shards, micro_model, mlflow_server,
     summary = run_pretrain(config(shards, micro_model, mlflow_server, tmp_path, steps=16, run_name="killed",
                                   max_failures=2))
     thread.join(timeout=1)
+    assert killed, "no training worker was killed: the test did not exercise a failure"
     assert summary["steps"] == 16
     history = client(mlflow_server).get_metric_history(summary["mlflow_run_id"], "train/loss")
     assert max(m.step for m in history) == 16
