@@ -215,6 +215,16 @@ def long_wav(seconds: float) -> bytes:
     return buf.getvalue()
 
 
+def wav_channels(channels: int) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((1600, channels), np.int16), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
 def long_mp4(seconds: int) -> bytes:
     from PIL import Image
 
@@ -247,6 +257,7 @@ def hostile_specs(media: dict[str, bytes]) -> list[tuple[str, dict]]:
         ("path traversal format", emb([{"modality": "audio", "data": enc(media["audio"]), "format": "../../etc/passwd"}])),
         ("garbage image", emb([{"modality": "image", "data": enc(os.urandom(2000))}])), ("truncated jpeg", emb([{"modality": "image", "data": enc(media["image"][:200])}])),
         ("png bomb header 30000x30000", emb([{"modality": "image", "data": enc(bomb_png(30000, 30000))}])),
+        ("wav with 64 channels", emb([{"modality": "audio", "data": enc(wav_channels(64))}])),
         ("garbage audio", emb([{"modality": "audio", "data": enc(b"RIFF" + os.urandom(3000))}])), ("audio 70 s", emb([{"modality": "audio", "data": enc(long_wav(70))}])),
         ("garbage video", emb([{"modality": "video", "data": enc(os.urandom(3000)), "format": "mp4"}])),
         ("truncated mp4", emb([{"modality": "video", "data": enc(media["video"][: len(media["video"]) // 3])}])),

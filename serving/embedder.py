@@ -20,6 +20,7 @@ import numpy as np
 from ray import serve
 
 from models.decode import DecodeError, DecodeLimits, decode_member, tokenize
+from serving import media_guard
 from serving.inputs import Item
 from serving.model_source import ModelRef, describe, fetch_and_load, resolve
 from serving.settings import EmbedderConfig
@@ -54,6 +55,7 @@ def forward(model: Any, modality: str, x: np.ndarray) -> np.ndarray:
 def decode_item(item: Item, spec: Any, limits: DecodeLimits) -> np.ndarray | ItemError:
     """Runs in a decode thread. Any failure of the decoders is the item's error, never the replica's."""
     try:
+        media_guard.check(item.modality, item.data, item.ext, limits)
         return decode_member(item.modality, item.ext, item.data, spec, limits)
     except DecodeError as exc:
         return ItemError(item.field, exc.reason, exc.detail[:300])

@@ -188,3 +188,30 @@ def test_localize_makes_paths_absolute_and_generates_a_token(tmp_path, monkeypat
     monkeypatch.setenv("RAYBIND_SERVE_TOKEN", "x" * 20)
     again = {"applications": [{"name": "a", "import_path": "serving.app:build_app"}]}
     assert localize(again) == {"a": "$RAYBIND_SERVE_TOKEN"}
+
+
+def test_media_guard_refuses_headers_that_promise_too_much():
+    import io
+
+    import soundfile as sf
+    from PIL import Image
+
+    from models.decode import DecodeError, DecodeLimits
+    from pipelines.shapesworld import encode_mp4
+    from serving import media_guard
+
+    def wav(channels: int, rate: int) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros((160, channels), np.float32), rate, format="WAV")
+        return buf.getvalue()
+
+    media_guard.check("audio", wav(2, 48_000), "wav", DecodeLimits())
+    for data in (wav(12, 16_000), wav(1, 384_000)):
+        with pytest.raises(DecodeError, match="supported"):
+            media_guard.check("audio", data, "wav", DecodeLimits())
+    video = encode_mp4([Image.new("RGB", (320, 240))] * 2, 8)
+    media_guard.check("video", video, "mp4", DecodeLimits())
+    with pytest.raises(DecodeError) as err:
+        media_guard.check("video", video, "mp4", DecodeLimits(max_image_pixels=320 * 240 - 1))
+    assert err.value.reason == "too_many_pixels"
+    media_guard.check("video", b"not a video", "mp4", DecodeLimits())  # left to the decoder's own error
