@@ -96,12 +96,28 @@ def finetune_row(row: Row, ref: str, data: str, steps: int, seed: int) -> dict:
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "classification.yaml",
                       [f"init.from_model={ref}", f"data.train={data}", f"task.label={LABEL}",
                        f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.seed={seed}",
-                       "mlflow.registered_model=", f"train.run_name=bench-{time.time_ns()}", *row.overrides()])
+                       "mlflow.registered_model=", "train.log_checkpoints_to_mlflow=false",
+                       f"train.run_name=bench-{time.time_ns()}", *row.overrides()])
     summary = run_finetune(cfg)
     return {"name": row.name, "group": row.group, "strategy": row.strategy, "modalities": list(row.modalities),
             "pretrained": row.pretrained, "accuracy": summary["eval"]["accuracy"],
             "macro_f1": summary["eval"]["macro_f1"], "eval_samples": summary["eval"]["samples"],
             "steps": summary["steps"], "seconds": summary["seconds"], "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def run_rows(rows: list[Row], ref: str, data: str, args) -> list[dict]:
+    """One fine-tuning job per row. Finished rows are kept in --home, so an interrupted benchmark
+    resumes where it stopped (same steps and seed)."""
+    from pipelines import workspace
+
+    done_file = workspace.home() / f"finetune_rows-{args.steps}-{args.seed}.json"
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    for row in rows:
+        if row.name not in done:
+            done[row.name] = finetune_row(row, ref, data, args.steps, args.seed)
+            done_file.write_text(json.dumps(done, indent=1))
+        print(f"[bench] {row.name}: accuracy {done[row.name]['accuracy']:.3f} in {done[row.name]['seconds']:.0f} s")
+    return [done[r.name] for r in rows]
 
 
 def check_targets(rows: list[dict]) -> dict:
@@ -157,7 +173,7 @@ def main() -> int:
     ensure_ray()
     data = prepare_data(args.samples)
     ref, pretrain = pretrained_model(data, args.pretrain_steps)
-    rows = [finetune_row(r, ref, data, args.steps, args.seed) for r in ROWS if not args.only or r.name in args.only]
+    rows = run_rows([r for r in ROWS if not args.only or r.name in args.only], ref, data, args)
     batch = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "classification.yaml").train.batch_size
     report = {"label": LABEL, "steps": args.steps, "batch": batch, "pretrain": pretrain, "rows": rows,
               "targets": check_targets(rows) if not args.only else {},

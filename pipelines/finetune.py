@@ -132,8 +132,10 @@ class ParentModel:
     config: dict  # its models.config.ModelConfig as a dict
 
     def tags(self) -> dict[str, str]:
-        name = self.ref[len("models:/"):].split("@")[0].split("/")[0] if self.version else ""
-        pinned = f"models:/{name}/{self.version}" if self.version else self.local_dir
+        if self.version:  # an alias moves on; the version it named when this run started does not
+            pinned = f"models:/{self.ref[len('models:/'):].split('@')[0].split('/')[0]}/{self.version}"
+        else:
+            pinned = self.ref if self.ref.startswith("runs:/") else self.local_dir
         return {PARENT_TAG: self.ref, PARENT_VERSION_TAG: self.version, PARENT_URI_TAG: pinned}
 
 

@@ -32,7 +32,7 @@ def ray_test(fn):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_cluster):
     out = tmp_path_factory.mktemp("finetune_data") / "ds"
-    synthesize(SynthConfig(out=str(out), samples=160, shard_size=40, seed=1))
+    synthesize(SynthConfig(out=str(out), samples=120, shard_size=40, seed=1))
     return out
 
 
@@ -64,7 +64,7 @@ def config(shards, mlflow_uri, tmp_path, *overrides: str, steps: int = 4) -> Fin
     base = [f"data.train={shards}", f"mlflow.tracking_uri={mlflow_uri}", "mlflow.experiment=finetune-tests",
             f"train.storage={tmp_path / 'runs'}", f"train.steps={steps}", "train.batch_size=8",
             "train.log_every=2", f"train.checkpoint_every={steps}", "optim.warmup_steps=1",
-            "eval.max_samples=32", "mlflow.registered_model=", f"init.from_model=models:/{PARENT}@champion",
+            "eval.max_samples=32", "mlflow.registered_model=", "train.log_checkpoints_to_mlflow=false", f"init.from_model=models:/{PARENT}@champion",
             "task.head.width=32", "task.head.layers=1", "task.head.heads=2", "task.head.hidden_dim=32"]
     return load_config(FinetuneConfig, None, [*base, *overrides])
 
@@ -113,10 +113,12 @@ def test_late_fusion_registers_links_parent_and_reloads(shards, pretrained, mlfl
 @ray_test
 @pytest.mark.parametrize("fusion", ["early", "middle"])
 def test_token_fusion_runs_end_to_end(shards, pretrained, mlflow_server, tmp_path, fusion):
-    summary = run_finetune(config(shards, mlflow_server, tmp_path, f"task.fusion={fusion}",
+    # Held-out scoring is covered by the other tests; skipping it here keeps the file fast.
+    summary = run_finetune(config(shards, mlflow_server, tmp_path, f"task.fusion={fusion}", "eval.enabled=false",
                                   f"train.run_name={fusion}", "task.modalities=[image,audio,video]"))
-    assert summary["steps"] == 4 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
-    assert client(mlflow_server).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    assert summary["steps"] == 4
+    run = client(mlflow_server).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] > 0
 
 
 def changed(before: dict, after: dict, prefix: str) -> set[str]:
@@ -127,7 +129,8 @@ def changed(before: dict, after: dict, prefix: str) -> set[str]:
 def test_linear_probe_trains_the_head_only(shards, pretrained, mlflow_server, tmp_path):
     start = load_file(str(pretrained["folder"] / "model.safetensors"))
     summary = run_finetune(config(shards, mlflow_server, tmp_path, "task.kind=linear_probe",
-                                  "task.modalities=[audio]", "task.label=rhythm", "train.run_name=probe"))
+                                  "task.modalities=[audio]", "task.label=rhythm", "train.run_name=probe",
+                                  "eval.enabled=false"))
     model = final_model(summary)
     after = load_file(str(model / "model.safetensors"))
     assert set(after) == set(start) and changed(start, after, "") == set()  # every backbone tensor frozen
