@@ -121,8 +121,12 @@ def build_trainer(cfg: PretrainConfig, spec, stream: TrainStream, run_name: str,
     )
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train, evaluate, register; returns the job summary."""
+def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
+    """Train, evaluate, register; returns the job summary.
+
+    `dataset`: optional ready `ray.data.Dataset` of decoded rows (e.g. materialized tensors, for
+    benchmarks) fed to the workers instead of the shard stream; it has no data position, so a resumed
+    run starts it again from its first row. `data.train` still names the shards (lineage, eval)."""
     import ray
 
     from pipelines.evaluate import evaluate_model
@@ -144,10 +148,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     task = ContrastiveTask(model_config=model_dict, loss=cfg.loss, modalities=cfg.data.modalities,
                            lock=cfg.model.lock, init_from=init_dir)
     spec = LoopSpec(task=task, train=cfg.train, optim=cfg.optim, tracking_uri=uri, run_id=run_id)
-    stream = TrainStream(data=data, config=cfg.data, spec_dict=model_dict["inputs"],
-                         run_dir=storage.join(store, run_name),
-                         samples_needed=cfg.train.steps * cfg.train.batch_size * cfg.train.num_workers
-                         * cfg.optim.accum_steps)
+    stream = dataset if dataset is not None else TrainStream(
+        data=data, config=cfg.data, spec_dict=model_dict["inputs"], run_dir=storage.join(store, run_name),
+        samples_needed=cfg.train.steps * cfg.train.batch_size * cfg.train.num_workers * cfg.optim.accum_steps)
     try:
         result = build_trainer(cfg, spec, stream, run_name, store).fit()
     except BaseException:

@@ -173,7 +173,7 @@ class TorchCollate(NumpyBatchCollateFn):
 
 
 def to_torch_batches(data, batch_size: int = 32, drop_last: bool = False, device: str = "cpu",
-                     prefetch_batches: int = 2, local_shuffle_buffer_size: int | None = None,
+                     prefetch_batches: int = 4, local_shuffle_buffer_size: int | None = None,
                      local_shuffle_seed: int | None = None, copy: bool = False) -> Iterator[dict[str, Any]]:
     """Batches of torch tensors (+ lists of str) from a Dataset or a Ray Train DataIterator shard."""
     return data.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,

@@ -92,7 +92,7 @@ def test_index_build_from_shapesworld_shards(index, registry, model_dirs):
     meta = json.loads((Path(out) / "index.json").read_text())
     assert (meta["model_name"], meta["model_version"]) == (registry["name"], registry["versions"]["trained"])
     assert meta["model_uri"] == f"models:/{registry['name']}/{registry['versions']['trained']}"
-    table = pq.read_table(out)
+    table = pq.ParquetDataset(sorted(str(p) for p in Path(out).glob("*.parquet"))).read()
     assert {"key", "modality", "embedding", "caption", "shard", "url", "labels"} <= set(table.column_names)
     rows = table.to_pylist()
     assert {r["shard"] for r in rows} == {"shard-000000.tar", "shard-000001.tar", "shard-000002.tar"}
