@@ -17,8 +17,11 @@ LIMITS = {"max_body_bytes": 2_000_000, "max_items": 4, "max_item_bytes": 600_000
           "max_video_seconds": 2.5}
 
 
+pytestmark = [pytest.mark.ray]
+
+
 @pytest.fixture(scope="module")
-def api(registry, model_dirs, token_file, tmp_path_factory):
+def api(ray_cluster, registry, model_dirs, token_file, tmp_path_factory):
     index = write_local_index(model_dirs["trained"], tmp_path_factory.mktemp("local_index") / "index")
     server = LocalServer({"model_uri": registry["champion"], "tracking_uri": registry["tracking_uri"]},
                          {"index_path": str(index)}, {"token_file": str(token_file), "limits": LIMITS})
