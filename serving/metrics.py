@@ -50,15 +50,17 @@ class RequestMetrics:
 
     def serve_series(self) -> bytes:
         """Serve's own `ray_serve_*` series from this node's Ray metrics agent (b"" outside Ray)."""
-        url = self._node_metrics_url or _node_metrics_url()
-        if not url:
-            return b""
-        self._node_metrics_url = url
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                text = resp.read()
-        except OSError as exc:
-            log.warning("cannot read Serve metrics from %s: %s", url, exc)
+        urls = [self._node_metrics_url] if self._node_metrics_url else _node_metrics_urls()
+        text = None
+        for url in urls:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    text = resp.read()
+                self._node_metrics_url = url
+                break
+            except OSError as exc:
+                log.warning("cannot read Serve metrics from %s: %s", url, exc)
+        if text is None:
             return b""
         keep = [line for line in text.splitlines()
                 if line.startswith((b"ray_serve_", b"# HELP ray_serve_", b"# TYPE ray_serve_"))]
@@ -80,18 +82,21 @@ def _ray_mirrors() -> tuple | None:
         return None
 
 
-def _node_metrics_url() -> str | None:
+def _node_metrics_urls() -> list[str]:
+    """This node's Ray metrics agent: at the node's address, else loopback (where the agent of a
+    loopback-only local cluster listens)."""
     try:
         import ray
 
         if not ray.is_initialized():
-            return None
+            return []
         node_id = ray.get_runtime_context().get_node_id()
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-        return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        port = node["MetricsExportPort"]
+        return [f"http://{node['NodeManagerAddress']}:{port}/metrics", f"http://127.0.0.1:{port}/metrics"]
     except Exception as exc:
         log.warning("no Ray metrics agent found: %s", exc)
-        return None
+        return []
 
 
 class Timer:
