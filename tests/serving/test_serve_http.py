@@ -171,10 +171,15 @@ def test_auth_and_hostile_inputs_over_http(served, media):
     assert post(url, "/v1/embed", json=body).status_code == 200
 
 
-def test_metrics_per_endpoint_and_modality(served):
+def test_metrics_per_endpoint_and_modality_and_serves_own(served):
     text = requests.get(served["url"] + "/metrics", timeout=30).text
     assert 'raybind_requests_total{endpoint="/v1/embed",modality="text",status="200"}' in text
     assert 'raybind_requests_total{endpoint="/v1/search",modality="text",status="200"}' in text
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports on an interval
+    while "ray_serve_num_http_requests" not in text and time.monotonic() < deadline:
+        time.sleep(2)
+        text = requests.get(served["url"] + "/metrics", timeout=30).text
+    assert "ray_serve_num_http_requests" in text
 
 
 # ----------------------------------------------------------------------------- model swaps
