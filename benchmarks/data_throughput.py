@@ -310,8 +310,12 @@ def write_results(summary: dict, out: Path) -> None:
         "# Data loader throughput (benchmarks/data_throughput.py)", "",
         f"{summary['date']} on {summary['machine']['cpu']}, {summary['machine']['cores']} cores, "
         f"{summary['machine']['memory_gib']} GiB; Ray {summary['machine']['ray']}, torch "
-        f"{summary['machine']['torch']}, webdataset {summary['machine']['webdataset']}. Load average before "
-        f"the run: {summary['load_average_before']} (the machine is shared).", "",
+        f"{summary['machine']['torch']}, webdataset {summary['machine']['webdataset']}. Load average (1, 5, 15 min) "
+        f"before the run {summary['load_average_before']}, after {summary['load_average_after']}: the machine "
+        "was shared with other jobs, so rounds vary; C, B and A are interleaved in each round and the best "
+        "round of each is compared. CPU ms per sample is the CPU time of every process involved (for A: the "
+        "driver and all Ray processes) divided by samples: it shows the overhead of each path independent of "
+        f"how much of the machine it got. Ray setting: {summary['setup'].get('ray_env', {})}.", "",
         f"{summary['setup']['shards']} ShapesWorld shards x {summary['setup']['shard_size']} samples, all four "
         f"modalities, {summary['setup']['workers']} CPU workers, batch {summary['setup']['batch_size']}, best of "
         f"{summary['setup']['rounds']} rounds.", "",
