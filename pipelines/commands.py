@@ -56,12 +56,38 @@ def _tuxpaint(cfg):
     return build_tuxpaint(cfg)
 
 
+def _cluster_up(cfg):
+    from pipelines.cluster import cluster_up
+
+    return cluster_up(cfg)
+
+
+def _cluster_down(cfg):
+    from pipelines.cluster import cluster_down
+
+    return cluster_down(cfg)
+
+
+def _cluster_status(cfg):
+    from pipelines.cluster import cluster_status
+
+    return cluster_status(cfg)
+
+
+def _nightly(cfg):
+    from pipelines.nightly import run_nightly
+
+    return run_nightly(cfg)
+
+
 def jobs() -> dict[str, list[Job]]:
+    from pipelines.cluster import ClusterConfig, DownConfig, StatusConfig
     from pipelines.data_build import BuildConfig
     from pipelines.demo import DemoConfig
     from pipelines.evaluate import EvaluateConfig
     from pipelines.finetune import FinetuneConfig
     from pipelines.index import IndexConfig
+    from pipelines.nightly import NightlyConfig
     from pipelines.pretrain import PretrainConfig
     from pipelines.synth import SynthConfig
     from pipelines.tuxpaint import TuxpaintConfig
@@ -79,6 +105,17 @@ def jobs() -> dict[str, list[Job]]:
                 "linear probe, retrieval) on Ray Train", FinetuneConfig, _finetune,
                 "finetune/classification.yaml", config_dir="finetune",
                 aliases=(("from", "init.from_model"),)),
+            Job("nightly", "one idempotent night: resume pretraining from the champion on the newest shards, "
+                "evaluate, promote only if better by the margin, rebuild the index, reconfigure Serve",
+                NightlyConfig, _nightly, "nightly.yaml"),
+        ],
+        "cluster": [
+            Job("up", "start a local Ray head (token auth) and MLflow server on 127.0.0.1; addresses go to "
+                ".raybind/cluster/state.json", ClusterConfig, _cluster_up),
+            Job("down", "stop the local Ray head and MLflow server that `cluster up` started", DownConfig,
+                _cluster_down),
+            Job("status", "is the local cluster up: processes, job server (with and without the token), "
+                "MLflow, jobs", StatusConfig, _cluster_status),
         ],
         "index": [
             Job("build", "embed shards with Ray Data batch inference into a Parquet search index",
@@ -132,3 +169,12 @@ def extra_commands(subs: dict[str, Any]) -> None:
     p.add_argument("--out", default=None, metavar="PNG", help="write a contact sheet of decoded images/frames")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_inspect)
+    from pipelines.ops_cli import add_ops_commands
+
+    add_ops_commands(subs)
+
+
+def all_pipelines() -> dict[str, Job]:
+    """Every config job `raybind submit` can run, by its command words ("pretrain", "index build")."""
+    return {f"{group} {job.name}".strip(): job for group, group_jobs in jobs().items() if group != "cluster"
+            for job in group_jobs}
