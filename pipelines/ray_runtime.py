@@ -40,6 +40,18 @@ def apply_local_env() -> None:
     os.environ.setdefault("RAY_TMPDIR", ray_tmpdir())
 
 
+def import_torch_first() -> None:
+    """Ray worker setup hook: import torch on the worker's main thread before anything else runs.
+
+    Why: a Ray worker runs Python threads of its own (Ray Data iterators, Train's training thread,
+    actor calls). When two of them import torch for the first time at once, Python's import-deadlock
+    breaker hands one of them a half-initialised module ("partially initialized module 'torch' has
+    no attribute 'types'"); CI hit exactly that inside Ray Data decode tasks. Importing it here, once,
+    before any task or thread starts, removes the race for every worker of the cluster.
+    """
+    import torch  # noqa: F401
+
+
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS) if given, else start an in-process local cluster.
 
@@ -57,6 +69,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
         num_cpus=num_cpus,
+        runtime_env={"worker_process_setup_hook": import_torch_first},
         include_dashboard=False,
         _temp_dir=os.environ["RAY_TMPDIR"],
         configure_logging=True,
