@@ -17,6 +17,8 @@ from pathlib import Path
 
 from models.checkpoint import load_model
 
+ARTIFACT = "binding"  # the weights folder inside a registered version (pipelines/registry.py)
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -81,9 +83,17 @@ def fetch_and_load(ref: ModelRef, tracking_uri: str = ""):
     tmp = tempfile.mkdtemp(prefix="raybind-serve-model-")
     try:
         # Only the weights folder (2 files), not the whole pyfunc model with its bundled code.
+        # Not through a `models:/` artifact URI: MLflow 3.17 resolves those with the process-global
+        # registry URI (ModelsArtifactRepository._get_model_uri_infos ignores the registry_uri
+        # argument), which in a Serve replica is the default local store, not `tracking_uri`
+        # ("Registered Model with name=... not found", the replica fails to start). Ask our own
+        # client for the version's storage location instead.
+        location = client(tracking_uri).get_model_version_download_uri(ref.name, ref.version)
+        if location.startswith("models:/"):
+            raise ModelSourceError(f"{ref.uri} (version {ref.version}): storage location {location} is "
+                                   "not an artifact store URI")
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{ref.name}/{ref.version}/artifacts/binding", dst_path=tmp,
-            tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
+            artifact_uri=f"{location.rstrip('/')}/artifacts/{ARTIFACT}", dst_path=tmp, tracking_uri=tracking_uri or None)
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise ModelSourceError(f"{ref.uri} (version {ref.version}): no artifacts/binding/config.json; "

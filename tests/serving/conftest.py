@@ -65,10 +65,3 @@ def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serving_token") / "token"
     path.write_text(TOKEN + "\n")
     return path
-
-
-
-# Issue #7 is open: over real HTTP the Embedder deployment fails to update ("Failed to update the
-# deployments ['Embedder']") in this file's module fixture; it is kept out of the default run until
-# that is fixed, so the rest of the suite can gate CI. Run it by hand: pytest tests/serving/test_serve_http.py
-collect_ignore = ["test_serve_http.py"]

@@ -249,3 +249,21 @@ def test_reload_swaps_models_under_load_and_a_bad_alias_keeps_the_old(api, regis
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert versions == {registry["versions"]["trained"], registry["versions"]["other"]}
     assert requests.get(api.url + "/v1/model", headers=auth()).json()["version"] == registry["versions"]["trained"]
+
+
+def test_model_source_uses_its_tracking_uri_not_the_process_registry(registry, tmp_path):
+    """A Serve replica's process-wide MLflow registry URI is MLflow's default local store, not the
+    server the config names: loading must go through `tracking_uri` alone (this failed every
+    Embedder replica over real HTTP: "Registered Model with name=... not found")."""
+    import mlflow
+
+    from serving.model_source import fetch_and_load, resolve
+
+    before = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        ref = resolve(registry["candidate"], registry["tracking_uri"])
+        model = fetch_and_load(ref, registry["tracking_uri"])
+    finally:
+        mlflow.set_registry_uri(before)
+    assert ref.version == registry["versions"]["other"] and model.embed_dim == 64

@@ -48,8 +48,8 @@ def serve_config(registry: dict, index_path: str, token_file: Path, port: int, *
         dep["ray_actor_options"] = {"num_cpus": 0.1}
         if dep["name"] == "Embedder":
             dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-            dep["user_config"].update(model_uri=registry["champion"], tracking_uri=registry["tracking_uri"],
-                                      refresh_s=0, **embedder)
+            dep["user_config"].update({"model_uri": registry["champion"], "tracking_uri": registry["tracking_uri"],
+                                       "refresh_s": 0, **embedder})
         if dep["name"] == "Searcher":
             dep["user_config"]["index_path"] = index_path
     return config
