@@ -16,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import av  # noqa: F401  (decoders' lazy imports, done once here: see below)
 import numpy as np
+import soundfile  # noqa: F401
+import torch
 from ray import serve
 
 from models.decode import DecodeError, DecodeLimits, decode_member, tokenize
@@ -26,6 +29,10 @@ from serving.model_source import ModelRef, describe, fetch_and_load, resolve
 from serving.settings import EmbedderConfig
 
 log = logging.getLogger("ray.serve")
+# torch, PyAV and soundfile are imported at module top, on the replica's main thread, and not left to
+# the first request: `models.decode` imports them lazily, and two decode threads importing a large
+# package at once can see it partially initialised (the "partially initialized module 'torch'"
+# failure seen in Ray Data workers). Importing them here also moves their cost to replica start-up.
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,6 @@ class ItemError:
 
 
 def forward(model: Any, modality: str, x: np.ndarray) -> np.ndarray:
-    import torch
-
     with torch.inference_mode():
         return model.encode(modality, torch.from_numpy(x)).float().numpy()
 
@@ -79,8 +84,6 @@ class EmbedderCore:
 
     # --- configuration ---------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
-        import torch
-
         cfg = EmbedderConfig.model_validate(user_config or {})
         old, self._config = self._config, cfg
         torch.set_num_threads(cfg.torch_threads)

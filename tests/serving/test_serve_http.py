@@ -182,6 +182,43 @@ def test_metrics_per_endpoint_and_modality_and_serves_own(served):
     assert "ray_serve_num_http_requests" in text
 
 
+def readme_example(kind: str) -> str:
+    """The fenced block that follows `<!-- readme-example:KIND` in README.md."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"<!-- readme-example:{kind}")
+    fence = text.index("```", start)
+    body = text.index("\n", fence) + 1
+    return text[body:text.index("```", body)]
+
+
+def test_readme_curl_and_requests_examples_work(served, shards, tmp_path):
+    """The README's examples, run as written against the served app: a user's first calls work."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / ".raybind" / "data").mkdir(parents=True)
+    (tmp_path / ".raybind" / "data" / "shapesworld").symlink_to(shards)
+    env = {**os.environ, "RAYBIND_URL": served["url"], "RAYBIND_SERVE_TOKEN": TOKEN}
+    bash = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_example("bash")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert bash.returncode == 0, bash.stdout + bash.stderr
+    decoder, rest, outputs = json.JSONDecoder(), bash.stdout, []
+    for _ in range(6):  # six JSON bodies (curl adds no newline), then the metrics lines
+        body, end = decoder.raw_decode(rest.lstrip())
+        outputs.append(body)
+        rest = rest.lstrip()[end:]
+    assert outputs[0]["ready"] and len(outputs[1]["data"]) == 1, outputs[:2]
+    assert [d["modality"] for d in outputs[2]["data"]] == ["image", "audio", "text"]
+    assert len(outputs[3]["labels"]) == 4 and len(outputs[4]["results"]) == 5
+    assert outputs[5]["alias"] == "champion" and "raybind_requests_total{" in rest
+    py = subprocess.run([sys.executable, "-c", readme_example("python")], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert py.returncode == 0, py.stdout + py.stderr
+    lines = py.stdout.strip().splitlines()
+    assert lines[0].startswith("text . image =") and "probability" in lines[1] and len(lines) == 5, lines
+
+
 # ----------------------------------------------------------------------------- model swaps
 class Load:
     """Light concurrent load: 3 clients embedding text + image, recording statuses and versions."""
