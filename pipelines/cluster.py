@@ -244,8 +244,8 @@ def wait_ready(state: dict, timeout_s: float) -> None:
             if not session_pids(state[part]["sid"]):
                 raise ClusterError(f"{part} exited while starting; see {state[part]['log']}")
             if http_status(url, headers) == 200:
-                print(f"  {part} ready ({url.rsplit('/', 2)[0] if part == 'ray' else state['mlflow_uri']})",
-                      flush=True)
+                where = state["dashboard_url"] if part == "ray" else state["mlflow_uri"]
+                print(f"  {part} ready ({where})", flush=True)
                 del pending[part]
         if pending and time.monotonic() > deadline:
             parts = ", ".join(f"{p} (log: {state[p]['log']})" for p in pending)

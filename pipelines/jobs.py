@@ -1,7 +1,7 @@
 """`raybind submit PIPELINE --config ... [--follow]` and `raybind jobs list|logs|stop`: any raybind
 pipeline as a Ray Job on the cluster `raybind cluster up` started (or any cluster: `--address`).
 
-The job's entrypoint is the same CLI (`python -m pipelines.cli PIPELINE --config ... --set ...`),
+The job's entrypoint is the same CLI (`python -m pipelines.job_entry PIPELINE --config ... --set ...`),
 run by the job server with `runtime_env = {working_dir: <this repo>, env_vars: {MLFLOW_TRACKING_URI,
 RAYBIND_HOME, RAY_AUTH_TOKEN_PATH ...}}`. The config is loaded and validated here first, so a typo
 fails in one line before anything is uploaded. Every request carries `Authorization: Bearer <token>`
@@ -101,7 +101,7 @@ def config_argument(path: str | None) -> str | None:
 
 
 def entrypoint(req: SubmitRequest) -> str:
-    args = ["python", "-m", "pipelines.cli", *req.pipeline]
+    args = ["python", "-m", "pipelines.job_entry", *req.pipeline]
     if req.config:
         args += ["--config", config_argument(req.config)]
     for item in req.overrides:
@@ -133,13 +133,21 @@ def submit(req: SubmitRequest) -> dict:
     command = entrypoint(req)
     job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(state, req.env),
                                submission_id=req.submission_id,
-                               metadata={"raybind.pipeline": " ".join(req.pipeline)})
+                               metadata={"raybind.pipeline": " ".join(req.pipeline),
+                                         # the uploaded working_dir has no .git: keep the commit here
+                                         "raybind.git_commit": git_commit()})
     print(f"submitted {job_id} to {url}: {command}", flush=True)
     print(f"  follow: raybind jobs logs {job_id} --follow    stop: raybind jobs stop {job_id}", flush=True)
     summary = {"job": "submit", "job_id": job_id, "address": url, "entrypoint": command}
     if req.follow:
         summary["status"] = follow(client, job_id)
     return summary
+
+
+def git_commit() -> str:
+    from pipelines.tracking import git_commit as commit
+
+    return commit()
 
 
 def job_default(job) -> str | None:

@@ -11,7 +11,7 @@
 - The file lock (`fcntl.flock`, released by the kernel if the process dies) refuses a second night
   while one is running on this machine; on Kubernetes the CronJob's `concurrencyPolicy: Forbid` does
   the same across pods.
-- A crashed night resumes: the pretraining run has a fixed name (`nightly-<night>`, Ray Train
+- A crashed night resumes: the pretraining run has a fixed name (`nightly-<night>-train`, Ray Train
   resumes it), a model it already registered is reused, and the champion it compared against is read
   back from the night's run, so a promotion that happened before the crash is not judged twice.
 - Training starts from the champion's weights and architecture (`models:/NAME/<champion version>`;
@@ -238,7 +238,13 @@ def pretrain_config(cfg: NightlyConfig, snapshot: str, night: str, champion_dir:
         model = dataclasses.replace(model, name=str(Path(champion_dir) / "config.json"), init_from=champion_dir)
     return dataclasses.replace(
         p, data=dataclasses.replace(p.data, train=snapshot), model=model, mlflow=cfg.mlflow,
-        train=dataclasses.replace(p.train, run_name=f"nightly-{night}"))
+        train=dataclasses.replace(p.train, run_name=train_run_name(night)))
+
+
+def train_run_name(night: str) -> str:
+    """The pretraining's run name (Ray Train storage folder + MLflow tag): fixed per night, so a
+    crashed night resumes its training instead of starting over."""
+    return f"nightly-{night}-train"
 
 
 def train_candidate(cfg: NightlyConfig, run_id: str, snapshot: str, night: str, champion: str | None) -> str:
@@ -247,7 +253,7 @@ def train_candidate(cfg: NightlyConfig, run_id: str, snapshot: str, night: str, 
     from pipelines.registry import local_model_dir
 
     name = cfg.mlflow.registered_model
-    pre_run = tracking.find_run(cfg.mlflow, f"nightly-{night}")
+    pre_run = tracking.find_run(cfg.mlflow, train_run_name(night))
     if pre_run is not None:
         versions = client().search_model_versions(f"name = '{name}' and run_id = '{pre_run}'")
         if versions:

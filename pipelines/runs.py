@@ -87,9 +87,10 @@ def show_run(run: str, experiment: str = "raybind", uri: str = "") -> dict:
         r = c.get_run(run)
     except MlflowException:
         exp = c.get_experiment_by_name(experiment)
-        found = [] if exp is None else c.search_runs(
-            [exp.experiment_id], f"attributes.run_name = '{run}' or tags.`{tracking.RUN_NAME_TAG}` = '{run}'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+        found = []
+        for flt in (f"attributes.run_name = '{run}'", f"tags.`{tracking.RUN_NAME_TAG}` = '{run}'"):  # no OR in MLflow
+            found = found or ([] if exp is None else c.search_runs(
+                [exp.experiment_id], flt, order_by=["attributes.start_time DESC"], max_results=1))
         if not found:
             raise ValueError(f"runs show: no run with id or name {run!r} in {experiment!r} at {uri}") from None
         r = found[0]
