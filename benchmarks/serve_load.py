@@ -4,7 +4,8 @@
 
 1. Dynamic batching: 32 concurrent clients embed one text each against the `tiny` model, first
    with the Embedder's text batching on (max_batch_size 64), then the SAME deployment reconfigured
-   in place to max_batch_size 1; requests/s and p50 / p99 latency for both.
+   in place to max_batch_size 1; requests/s and p50 / p99 latency for both. The same pair again
+   with the `small` model swapped in (a user_config change): where the model's own cost is larger.
 2. 5,000 mixed requests over every endpoint and modality (JSON and multipart): counts per status
    class and dropped connections (target: zero 5xx, zero dropped).
 3. A hostile / malformed suite (>= 40 requests): every answer must be 4xx, and the deployment must
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 TOKEN = "bench-token-" + "x" * 24
 MODEL = "bench-tiny"
+SMALL = "bench-small"
 CAPTIONS = ["a small red circle moving left", "a large blue square drifting up with a low hum",
             "a green triangle heading right", "a yellow cross sliding down, you hear a chirp"]
 
@@ -59,9 +61,10 @@ def prepare(work: Path, samples: int) -> dict[str, str]:
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment("serve-load")
     torch.manual_seed(0)
-    model_dir = save_model(BindingModel(ModelConfig.from_name("tiny")).eval(), work / "model")
-    with mlflow.start_run() as run:
-        register_model(str(model_dir), MODEL, run.info.run_id)
+    for name, size in ((MODEL, "tiny"), (SMALL, "small")):
+        model_dir = save_model(BindingModel(ModelConfig.from_name(size)).eval(), work / size)
+        with mlflow.start_run() as run:
+            register_model(str(model_dir), name, run.info.run_id)
     synthesize(SynthConfig(out=str(work / "data"), samples=samples, shard_size=64))
     build_index(f"models:/{MODEL}@champion", str(work / "data"), str(work / "index"), tracking_uri=uri)
     (work / "token").write_text(TOKEN)
@@ -69,7 +72,7 @@ def prepare(work: Path, samples: int) -> dict[str, str]:
             "data": str(work / "data")}
 
 
-def serve_config(setup: dict, port: int, text_batch: int) -> dict:
+def serve_config(setup: dict, port: int, text_batch: int, model: str = MODEL) -> dict:
     import yaml
 
     config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
@@ -80,7 +83,7 @@ def serve_config(setup: dict, port: int, text_batch: int) -> dict:
         if dep["name"] == "Embedder":
             dep.pop("autoscaling_config")  # one fixed replica: both runs measure the same deployment
             dep["num_replicas"] = 1
-            dep["user_config"].update(model_uri=f"models:/{MODEL}@champion", tracking_uri=setup["tracking_uri"],
+            dep["user_config"].update(model_uri=f"models:/{model}@champion", tracking_uri=setup["tracking_uri"],
                                       refresh_s=0)
             dep["user_config"]["batching"]["text"]["max_batch_size"] = text_batch
         if dep["name"] == "Searcher":
@@ -290,7 +293,7 @@ async def run_hostile(url: str, cases: list[tuple[str, dict]]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the model alone
-def model_only() -> dict:
+def model_only(size: str = "tiny") -> dict:
     """Text encode time per item at batch 1 vs 64 in-process (torch 1 thread, as the Embedder):
     the most batching can save per request; the rest of a request's cost is the HTTP path."""
     import torch
@@ -300,10 +303,10 @@ def model_only() -> dict:
     from models.decode import tokenize
 
     torch.set_num_threads(1)
-    model = BindingModel(ModelConfig.from_name("tiny")).eval()
+    model = BindingModel(ModelConfig.from_name(size)).eval()
     out = {}
-    for batch, reps in ((1, 300), (64, 30)):
-        x = torch.as_tensor(tokenize((CAPTIONS * 16)[:batch], 32))
+    for batch, reps in ((1, 300), (64, 30)) if size == "tiny" else ((1, 60), (64, 4)):
+        x = torch.as_tensor(tokenize((CAPTIONS * 16)[:batch], model.config.inputs.context_length))
         with torch.inference_mode():
             model.encode("text", x)
             start = time.perf_counter()
@@ -350,11 +353,14 @@ def model_info(url: str) -> dict:
     return requests.get(url + "/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
 
 
-def wait_batch_size(url: str, size: int, timeout: float = 120) -> None:
+def wait_batch_size(url: str, size: int, model: str = MODEL, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while model_info(url)["batching"]["text"]["max_batch_size"] != size:
+    while True:
+        info = model_info(url)
+        if info["batching"]["text"]["max_batch_size"] == size and info.get("name") == model:
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"text max_batch_size never became {size}")
+            raise TimeoutError(f"never served {model} with text max_batch_size {size}: {info}")
         time.sleep(0.5)
 
 
@@ -371,14 +377,14 @@ def health(url: str, before: dict) -> dict:
             "deployments": {name: str(d.status) for name, d in deployments.items()}}
 
 
-def batching_runs(url: str, setup: dict, work: Path, plan: dict) -> dict:
+def batching_runs(url: str, setup: dict, work: Path, plan: dict, model: str = MODEL) -> dict:
     runs = {}
     for label, size in (("batching on (max_batch_size 64)", 64), ("batching off (max_batch_size 1)", 1)):
-        deploy(serve_config(setup, plan["port"], size), work)  # same deployment, reconfigured in place
-        wait_batch_size(url, size)
+        deploy(serve_config(setup, plan["port"], size, model), work)  # same deployment, reconfigured in place
+        wait_batch_size(url, size, model)
         asyncio.run(run_load(url, text_specs(), 32, 100, 60))  # warm-up
         runs[label] = asyncio.run(run_load(url, text_specs(), 32, plan["text_requests"], plan["text_seconds"]))
-        print(label, runs[label], flush=True)
+        print("batching", model, label, runs[label], flush=True)
     deploy(serve_config(setup, plan["port"], 64), work)
     wait_batch_size(url, 64)
     return runs
@@ -400,6 +406,7 @@ def main() -> int:
     plan["port"] = free_port()
     url = deploy(serve_config(setup, plan["port"], 64), work)
     runs = batching_runs(url, setup, work, plan)
+    small_runs = batching_runs(url, setup, work, {**plan, "text_requests": plan["text_requests"] // 3}, SMALL)
     before = model_info(url)
     mixed = asyncio.run(run_load(url, mixed_specs(sample_media(setup["data"])), 16, plan["mixed_requests"],
                                  plan["mixed_seconds"]))
@@ -411,10 +418,11 @@ def main() -> int:
 
     serve.shutdown()  # the ANN measurement gets the cores to itself
     ann = ann_measurement(rows=10_000 if args.quick else 50_000)
-    alone = model_only()
+    alone = {"tiny": model_only("tiny"), "small": model_only("small")}
     print("ann", ann, "model alone", alone, flush=True)
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(load_before),
-              "quick": args.quick, "plan": plan, "text_embed_32_clients": runs, "mixed": mixed,
+              "quick": args.quick, "plan": plan, "text_embed_32_clients": runs,
+              "text_embed_32_clients_small": small_runs, "mixed": mixed,
               "mixed_kinds": len(mixed_specs(sample_media(setup["data"]))), "hostile": hostile, "health_after": after,
               "ann": ann, "model_alone": alone}
     write_results(report)
@@ -460,11 +468,17 @@ def markdown(r: dict) -> str:
         "## Dynamic batching: 32 concurrent clients, one text each", "",
         "| run | requests | req/s | p50 ms | p99 ms | 5xx | dropped |", "|---|---|---|---|---|---|---|"]
     for name, run in r["text_embed_32_clients"].items():
-        lines.append(f"| {name} | {run['requests']} | {run['rps']} | {run['p50_ms']} | {run['p99_ms']} | "
+        lines.append(f"| tiny: {name} | {run['requests']} | {run['rps']} | {run['p50_ms']} | {run['p99_ms']} | "
                      f"{run['5xx']} | {run['dropped']} |")
+    small_on, small_off = r["text_embed_32_clients_small"].values()
+    for name, run in r["text_embed_32_clients_small"].items():
+        lines.append(f"| small: {name} | {run['requests']} | {run['rps']} | {run['p50_ms']} | {run['p99_ms']} | "
+                     f"{run['5xx']} | {run['dropped']} |")
+    small_ratio = small_on["rps"] / small_off["rps"] if small_off["rps"] else float("nan")
     mx = r["mixed"]
-    lines += ["", f"Throughput ratio on/off: **{ratio:.2f}x** (target >= 3x). The model alone (in-process, "
-              f"torch 1 thread): {json.dumps(r['model_alone'])}.", "",
+    lines += ["", f"Throughput ratio on/off, `tiny`: **{ratio:.2f}x** (target >= 3x); `small` (swapped in by "
+              f"user_config): **{small_ratio:.2f}x**. Text encode per item, model alone (in-process, torch 1 "
+              f"thread): {json.dumps(r['model_alone'])}.", "",
               f"## {mx['requests']} mixed requests ({r['mixed_kinds']} kinds: every endpoint and modality, JSON and "
               "multipart; 16 clients)", "",
               "| 2xx | 4xx | 5xx | dropped | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|",
