@@ -424,6 +424,15 @@ def finished_night(cfg: NightlyConfig, night: str) -> dict | None:
             "champion": alias_version(cfg.mlflow.registered_model, CHAMPION)}
 
 
+def release_ray_handles() -> None:
+    """Finalise the reader's stats handles now, while Ray is connected. Left to interpreter teardown,
+    their finaliser calls into Ray after `ray.shutdown()`, Ray re-initialises from $RAY_ADDRESS and
+    the process hangs on exit (Ray 2.60; see pipelines/job_entry.py)."""
+    import gc
+
+    gc.collect()
+
+
 def run_nightly(cfg: NightlyConfig) -> dict:
     started = time.perf_counter()
     with night_lock(cfg.lock_file) as lock:
@@ -446,6 +455,7 @@ def run_nightly(cfg: NightlyConfig) -> dict:
             client().set_terminated(run_id, "FAILED")
             raise
         client().set_terminated(run_id, "FINISHED")
+    release_ray_handles()
     summary.update({"mlflow_run_id": run_id, "seconds": round(time.perf_counter() - started, 1)})
     return summary
 
