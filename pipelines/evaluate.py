@@ -13,6 +13,7 @@ accuracy = argmax over classes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -106,19 +107,26 @@ def all_retrieval(emb: dict[str, np.ndarray], batch: dict) -> dict[str, dict[str
 
 
 # ----------------------------------------------------------------------------- zero-shot
-def class_prompts(attribute: str, value: str, count: int = 24, seed: int = 1234) -> list[str]:
-    """ShapesWorld-style captions with `attribute` fixed to `value`, other attributes varied."""
+def class_prompts(attribute: str, value: str, seed: int = 1234) -> list[str]:
+    """ShapesWorld-style captions with `attribute` fixed to `value`, one per combination of the other
+    attributes (pitch follows colour).
+
+    Why every combination rather than a random sample: the class embedding is the mean of its
+    prompts, and the easy attributes (colour, size) dominate each caption's embedding. With a random
+    sample, "circle"'s prompts may hold more red scenes than "square"'s, and that imbalance outweighs
+    the shape signal. A balanced, full-factorial ensemble cancels every other attribute exactly.
+    """
     rng = np.random.default_rng([seed, hash_text(attribute + value)])
+    fixed = {attribute: value}
+    if attribute == "color":
+        fixed["pitch"] = shapesworld.PITCH_OF_COLOR[value]
+    elif attribute == "pitch":
+        fixed["color"] = {p: c for c, p in shapesworld.PITCH_OF_COLOR.items()}[value]
+    free = [k for k in shapesworld.ATTRIBUTES if k not in fixed and k != "pitch"]
     prompts = []
-    for _ in range(count):
-        attrs = {k: v[int(rng.integers(len(v)))] for k, v in shapesworld.ATTRIBUTES.items()}
-        attrs[attribute] = value
-        if attribute == "color":
-            attrs["pitch"] = shapesworld.PITCH_OF_COLOR[value]
-        elif attribute == "pitch":
-            attrs["color"] = {p: c for c, p in shapesworld.PITCH_OF_COLOR.items()}[value]
-        else:
-            attrs["pitch"] = shapesworld.PITCH_OF_COLOR[attrs["color"]]
+    for combo in itertools.product(*(shapesworld.ATTRIBUTES[k] for k in free)):
+        attrs = {**dict(zip(free, combo, strict=True)), **fixed}
+        attrs.setdefault("pitch", shapesworld.PITCH_OF_COLOR[attrs["color"]])
         prompts.append(shapesworld.caption_for(attrs, True, rng))
     return prompts
 

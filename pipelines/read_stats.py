@@ -143,7 +143,9 @@ class ReadStats:
         return ray.get(self.actor.snapshot.remote(self.id))
 
     def __del__(self):
-        if not getattr(self, "_owner", False):
+        # After ray.shutdown() an actor call would auto-start a fresh Ray instance (and hang the
+        # interpreter's exit in pytest's final gc pass): only free the ledger while Ray is up.
+        if not getattr(self, "_owner", False) or not ray.is_initialized():
             return
         try:
             self.actor.forget.remote(self.id)
