@@ -168,6 +168,47 @@ def summarize(results: list[tuple[int, float]], seconds: float) -> dict:
             "5xx": int((statuses >= 500).sum()), "dropped": int((statuses == -1).sum())}
 
 
+# ----------------------------------------------------------------------------- CPU accounting
+PROCESS_GROUPS = (("ServeReplica:raybind:Gateway", "gateway"), ("ServeReplica:raybind:Embedder", "embedder"),
+                  ("ServeReplica:raybind:Searcher", "searcher"), ("ProxyActor", "proxy"),
+                  ("ServeController", "serve controller"), ("raylet", "raylet"), ("gcs_server", "gcs"),
+                  ("log_monitor", "log monitor"), ("dashboard", "dashboard + agent"))
+
+
+def cpu_seconds_by_group() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the load client: `client`) and its
+    descendants (the local Ray cluster it started: GCS, raylet, Serve proxy and replicas), by role,
+    from /proc. Other jobs on the shared machine are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        procs[int(pid)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tick)
+    ours, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, (ppid, _, _) in procs.items() if ppid in ours} - ours
+        ours |= more
+        grew = bool(more)
+    out: dict[str, float] = {}
+    for pid in ours:
+        _, cmd, seconds = procs.get(pid, (0, "", 0.0))
+        group = "client" if pid == os.getpid() else next(
+            (name for key, name in PROCESS_GROUPS if key in cmd),
+            "other ray processes")
+        out[group] = out.get(group, 0.0) + seconds
+    return out
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    diff = {g: (after.get(g, 0.0) - before.get(g, 0.0)) * 1000 / max(requests, 1) for g in after}
+    ranked = sorted(((g, round(v, 2)) for g, v in diff.items() if v >= 0.05), key=lambda kv: -kv[1])
+    return {**dict(ranked), "total": round(sum(diff.values()), 2)}
+
+
 # ----------------------------------------------------------------------------- request sets
 def text_specs() -> list[dict]:
     return [{"path": "/v1/embed", "json": {"items": [{"modality": "text", "text": c}]}} for c in CAPTIONS]
@@ -383,7 +424,9 @@ def batching_runs(url: str, setup: dict, work: Path, plan: dict, model: str = MO
         deploy(serve_config(setup, plan["port"], size, model), work)  # same deployment, reconfigured in place
         wait_batch_size(url, size, model)
         asyncio.run(run_load(url, text_specs(), 32, 100, 60))  # warm-up
+        before = cpu_seconds_by_group()
         runs[label] = asyncio.run(run_load(url, text_specs(), 32, plan["text_requests"], plan["text_seconds"]))
+        runs[label]["cpu_ms_per_request"] = cpu_ms_per_request(before, cpu_seconds_by_group(), runs[label]["requests"])
         print("batching", model, label, runs[label], flush=True)
     deploy(serve_config(setup, plan["port"], 64), work)
     wait_batch_size(url, 64)
@@ -475,6 +518,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| small: {name} | {run['requests']} | {run['rps']} | {run['p50_ms']} | {run['p99_ms']} | "
                      f"{run['5xx']} | {run['dropped']} |")
     small_ratio = small_on["rps"] / small_off["rps"] if small_off["rps"] else float("nan")
+    lines += ["", "CPU time per request by process (ms; user + system, from /proc, during each run):", "",
+              "| run | " + " | ".join(on["cpu_ms_per_request"]) + " |",
+              "|---|" + "---|" * len(on["cpu_ms_per_request"])]
+    for model, pair in (("tiny", r["text_embed_32_clients"]), ("small", r["text_embed_32_clients_small"])):
+        for name, run in pair.items():
+            lines.append(f"| {model}: {name} | " + " | ".join(str(run["cpu_ms_per_request"].get(g, 0.0))
+                                                         for g in on["cpu_ms_per_request"]) + " |")
     mx = r["mixed"]
     lines += ["", f"Throughput ratio on/off, `tiny`: **{ratio:.2f}x** (target >= 3x); `small` (swapped in by "
               f"user_config): **{small_ratio:.2f}x**. Text encode per item, model alone (in-process, torch 1 "
