@@ -62,7 +62,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class DownConfig:
-    timeout_s: float = 30.0  # SIGTERM first, SIGKILL what is left after this long
+    timeout_s: float = 5.0  # SIGTERM first, SIGKILL what is left after this long (Ray leaves some running)
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,10 @@ def cluster_status(cfg: StatusConfig) -> dict:
         for job in jobs:
             counts[str(job.status)] = counts.get(str(job.status), 0) + 1
         summary["jobs"] = counts
+    if not summary["up"]:
+        raise ClusterError(f"the local cluster is not healthy: processes alive {alive}, job server HTTP "
+                           f"{ray_http}, MLflow HTTP {mlflow_http}; logs: {state['ray']['log']}, "
+                           f"{state['mlflow']['log']}; `raybind cluster down` then `up` restarts it")
     return summary
 
 

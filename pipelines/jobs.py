@@ -53,8 +53,9 @@ def target(address: str = "") -> tuple[str, dict[str, str], dict]:
     if not url:
         raise cluster.ClusterError(f"no cluster to submit to: {cluster.state_path()} does not exist and no "
                                    "--address / $RAY_API_SERVER_ADDRESS is set; run `raybind cluster up`")
-    headers = cluster.auth_headers(state) if state and url == state.get("dashboard_url") else token_headers()
-    return url, headers, state
+    if state and url.rstrip("/") == state.get("dashboard_url"):
+        return url, cluster.auth_headers(state), state
+    return url, token_headers(), {}  # another cluster: none of the local cluster's settings apply
 
 
 def token_headers() -> dict[str, str]:
