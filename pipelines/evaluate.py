@@ -136,15 +136,27 @@ def hash_text(text: str) -> int:
 
 
 @torch.no_grad()
-def class_embeddings(model, attribute: str, spec) -> np.ndarray:
+def class_embeddings(model, attribute: str, spec) -> list[np.ndarray]:
+    """Per value of `attribute`: the unit embeddings of its prompts, (num_prompts, dim)."""
     from models.decode import tokenize
 
     rows = []
     for value in shapesworld.ATTRIBUTES[attribute]:
         tokens = torch.as_tensor(tokenize(class_prompts(attribute, value), spec.context_length))
-        e = model.encode("text", tokens).float().mean(0)
-        rows.append((e / e.norm()).numpy())
-    return np.stack(rows)
+        e = model.encode("text", tokens).float()
+        rows.append((e / e.norm(dim=-1, keepdim=True)).numpy())
+    return rows
+
+
+def class_scores(emb: np.ndarray, classes: list[np.ndarray]) -> np.ndarray:
+    """(n, num_classes): each item's best cosine similarity over each class's prompts.
+
+    Why the max over prompts and not the similarity to their mean: a caption's embedding binds its
+    attributes together ("small red circle" is not "small" + "red" + "circle"), so the mean over
+    every colour and size of "circle" blurs the very conjunctions the model learned. The best
+    matching prompt of each class is the one whose other attributes agree with the item.
+    """
+    return np.stack([(emb @ c.T).max(axis=1) for c in classes], axis=1)
 
 
 def zero_shot(model, emb: dict[str, np.ndarray], batch: dict, spec) -> dict[str, dict[str, float]]:
@@ -161,7 +173,7 @@ def zero_shot(model, emb: dict[str, np.ndarray], batch: dict, spec) -> dict[str,
             keep = batch[f"{m}_mask"] & (truth >= 0)
             if keep.sum() == 0:
                 continue
-            pred = (emb[m][keep] @ classes.T).argmax(1)
+            pred = class_scores(emb[m][keep], classes).argmax(1)
             results.setdefault(attribute, {})[m] = float((pred == truth[keep]).mean())
     return results
 
