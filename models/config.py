@@ -78,11 +78,14 @@ class VideoTowerConfig:
     With `share_image_tower` the frames go through the image tower itself (ImageBind shares weights the
     same way), so `frame` must be None; otherwise `frame` describes the video's own frame ViT.
     `temporal_layers=0` skips the temporal transformer (plain mean over frames).
+    `motion` adds each frame's difference to the next one as 3 more input channels: a patch then sees
+    which way its edge moved, which pooled per-frame embeddings alone barely keep (needs an own tower).
     """
 
     share_image_tower: bool = True
     frame: TowerConfig | None = None
     temporal_layers: int = 1
+    motion: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.share_image_tower, bool), "share_image_tower", "must be true or false")
@@ -92,6 +95,9 @@ class VideoTowerConfig:
             _check(self.frame is not None, "frame", "is required when share_image_tower is false")
             _check(self.frame.patch_size is not None, "frame.patch_size", "is required for video frames")
             _check(self.frame.kind == "open_clip", "frame.kind", "video frames need an open_clip tower")
+        _check(isinstance(self.motion, bool), "motion", "must be true or false")
+        _check(not (self.motion and self.share_image_tower), "motion",
+               "needs the video's own frame tower (share_image_tower: false): frames get 6 channels")
         _check(isinstance(self.temporal_layers, int) and self.temporal_layers >= 0, "temporal_layers",
                f"must be an integer >= 0, got {self.temporal_layers!r}")
 

@@ -123,6 +123,7 @@ class VideoEncoder(Encoder):
                  frame_tower: TowerConfig):
         super().__init__()
         self.frame_encoder = frame_encoder
+        self.motion = config.motion
         self.width = width = frame_encoder.width
         self.temporal_embedding = nn.Parameter(torch.randn(num_frames, width) * 0.02)
         self.temporal = None
@@ -133,12 +134,23 @@ class VideoEncoder(Encoder):
 
     def encode(self, x: Tensor) -> EncoderOutput:
         batch, frames = x.shape[:2]
+        if self.motion:
+            x = torch.cat([x, motion_channels(x)], dim=2)
         per_frame = self.frame_encoder(x.flatten(0, 1))  # (B*T, W)
         tokens = per_frame.view(batch, frames, -1) + self.temporal_embedding[:frames]
         if self.temporal is not None:
             tokens = self.temporal(tokens)
         tokens = self.ln(tokens)
         return EncoderOutput(tokens=tokens, pooled=tokens.mean(dim=1))
+
+
+def motion_channels(x: Tensor) -> Tensor:
+    """(B, T, C, H, W) -> each frame's difference to the next (the last frame repeats the previous
+    difference; a single frame has none)."""
+    if x.shape[1] < 2:
+        return torch.zeros_like(x)
+    diff = x[:, 1:] - x[:, :-1]
+    return torch.cat([diff, diff[:, -1:]], dim=1)
 
 
 def build_encoders(config: ModelConfig, load_pretrained: bool = True) -> nn.ModuleDict:
@@ -163,7 +175,8 @@ def build_encoders(config: ModelConfig, load_pretrained: bool = True) -> nn.Modu
             frame_tower, frame_encoder = config.image, encoders["image"]
         else:
             frame_tower = config.video.frame
-            frame_encoder = PatchEncoder(frame_tower, (spec.video_size, spec.video_size))
+            frame_encoder = PatchEncoder(frame_tower, (spec.video_size, spec.video_size),
+                                         in_channels=6 if config.video.motion else 3)
         encoders["video"] = VideoEncoder(config.video, spec.video_frames, frame_encoder, frame_tower)
     if load_pretrained:
         from models.pretrained import init_towers

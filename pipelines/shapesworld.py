@@ -147,7 +147,7 @@ def render_frame(scene: Scene, t: float, size: int) -> Image.Image:
     cx = (scene.start[0] + dx * 0.35 * t) * size
     cy = (scene.start[1] + dy * 0.35 * t) * size
     r = RADIUS[attrs["size"]] * size
-    color = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(RGB[attrs["color"]], scene.jitter))
+    color = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(RGB[attrs["color"]], scene.jitter, strict=True))
     if attrs["shape"] == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     elif attrs["shape"] == "square":

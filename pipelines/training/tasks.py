@@ -38,7 +38,9 @@ class Task(Protocol):
 @dataclass(frozen=True)
 class LossConfig:
     kind: Literal["infonce", "siglip"] = "infonce"
-    anchor: Literal["all", "image", "text"] = "all"  # which modality pairs are contrasted
+    # Which pairs are contrasted: "text" binds every modality to the captions (they name every
+    # attribute); "all" also pairs e.g. video with image, which teaches video to drop motion.
+    anchor: Literal["all", "image", "text"] = "text"
     pair_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"audio-video": 0.5}
 
     def __post_init__(self):

@@ -88,3 +88,32 @@ def test_video_frame_order_matters():
     assert isinstance(video, VideoEncoder)
     x = random_input(config, "video")
     assert not torch.allclose(video(x), video(x.flip(1)), atol=1e-5)
+
+
+def test_motion_channels_are_differences_to_the_next_frame():
+    from models.encoders import motion_channels
+
+    x = torch.arange(4, dtype=torch.float32).view(1, 4, 1, 1, 1).expand(1, 4, 3, 2, 2) ** 2  # 0, 1, 4, 9
+    diff = motion_channels(x)
+    assert diff.shape == x.shape
+    assert diff[0, :, 0, 0, 0].tolist() == [1.0, 3.0, 5.0, 5.0]
+    assert motion_channels(x[:, :1]).abs().sum() == 0
+
+
+def test_motion_video_tower_sees_frame_order():
+    torch.manual_seed(0)
+    frame = TowerConfig(width=32, layers=1, heads=2, patch_size=16)
+    config = dataclasses.replace(ModelConfig.from_name("tiny"), video=VideoTowerConfig(
+        share_image_tower=False, frame=frame, temporal_layers=0, motion=True))
+    video = build_encoders(config, load_pretrained=False)["video"].eval()
+    assert video.frame_encoder.vit.conv1.in_channels == 6
+    x = torch.randn(2, config.inputs.video_frames, 3, 64, 64)
+    # Without the temporal transformer, a plain mean over frames cannot tell the order apart; the
+    # motion channels can: playing the clip backwards flips the sign of every difference.
+    forward, backward = video(x), video(x.flip(1))
+    assert not torch.allclose(forward, backward, atol=1e-4)
+
+
+def test_motion_needs_the_videos_own_tower():
+    with pytest.raises(ValueError, match="^motion: needs the video's own frame tower"):
+        VideoTowerConfig(share_image_tower=True, motion=True)

@@ -68,7 +68,7 @@ def test_end_to_end_tracks_registers_and_reloads(shards, micro_model, mlflow_ser
     assert run.data.tags["raybind.num_shards"] == "4" and run.data.tags["raybind.shards_hash"]
     history = c.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6, 8] and all(np.isfinite(m.value) for m in history)
-    for key in ("train/loss/image-text", "train/loss/audio-video", "train/lr", "train/logit_scale",
+    for key in ("train/loss/image-text", "train/loss/text-video", "train/lr", "train/logit_scale",
                 "train/samples_per_s", "train/data_wait_fraction", "eval/text_to_video/R_at_1",
                 "eval/zero_shot/color/audio"):
         assert key in run.data.metrics, key
