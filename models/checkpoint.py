@@ -54,7 +54,7 @@ def load_model(directory: str | Path, expected: ModelConfig | None = None,
         problems = config_diff(config, expected)
         if problems:
             raise ConfigMismatchError(f"{directory}: checkpoint config does not match: " + "; ".join(problems))
-    model = BindingModel(config)
+    model = BindingModel(config, load_pretrained=False)  # the saved weights replace any pretrained ones
     load_state_dict(model, load_file(str(directory / WEIGHTS_FILE)))
     return model.to(device)
 

@@ -142,7 +142,7 @@ def class_embeddings(model, attribute: str, spec) -> list[np.ndarray]:
 
     rows = []
     for value in shapesworld.ATTRIBUTES[attribute]:
-        tokens = torch.as_tensor(tokenize(class_prompts(attribute, value), spec.context_length))
+        tokens = torch.as_tensor(tokenize(class_prompts(attribute, value), spec.context_length, spec.tokenizer))
         e = model.encode("text", tokens).float()
         rows.append((e / e.norm(dim=-1, keepdim=True)).numpy())
     return rows

@@ -21,7 +21,7 @@ def decode_column(modality: str, values, exts, spec) -> np.ndarray:
     from models import decode
 
     if modality == "text":
-        return decode.tokenize([str(v) for v in values], spec.context_length)
+        return decode.tokenize([str(v) for v in values], spec.context_length, spec.tokenizer)
     rows = []
     for value, ext in zip(values, exts, strict=True):
         data = base64.b64decode(value)

@@ -67,6 +67,10 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Keep two spare idle workers rather than the default num_cpus: otherwise, at every read-task
+    # boundary Ray starts a worker (~0.7 s of CPU importing torch and PyAV) that is surplus a moment
+    # later and killed after 1 s idle (measured in benchmarks/data_throughput.py).
+    os.environ.setdefault("RAY_num_workers_soft_limit", str((num_cpus or os.cpu_count() or 1) + 2))
     ray.init(
         num_cpus=num_cpus,
         runtime_env={"worker_process_setup_hook": import_torch_first},

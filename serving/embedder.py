@@ -175,7 +175,7 @@ class EmbedderCore:
                              f"model {state.ref.name} encodes {list(state.model.modalities)}")
         spec = state.model.config.inputs
         if item.modality == "text":
-            return tokenize([item.text], spec.context_length)[0]
+            return tokenize([item.text], spec.context_length, spec.tokenizer)[0]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._decode_pool, decode_item, item, spec, limits)
 
@@ -200,7 +200,8 @@ class EmbedderCore:
         decoded = await self._decode(state, item, limits)
         if isinstance(decoded, ItemError):
             return {"errors": [decoded.__dict__], "model": state.info}
-        tokens = tokenize(prompts, state.model.config.inputs.context_length)
+        spec = state.model.config.inputs
+        tokens = tokenize(prompts, spec.context_length, spec.tokenizer)
         text_queue = self._queues["text"]
         vectors = await asyncio.gather(self._queues[item.modality]((state, decoded)),
                                        *(text_queue((state, row)) for row in tokens))
