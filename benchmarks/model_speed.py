@@ -127,8 +127,9 @@ def to_markdown(report: dict) -> str:
         inputs = "; ".join(r["inputs"][k] for k in ("image", "text", "audio", "video"))
         lines.append(f"| {r['name']} | {_millions(r['params_total'])} | {towers} | {r['embed_dim']} | {inputs} "
                      f"| {r['fwd_bwd_ms_per_sample']:,.1f} ms ({r['batch']}) |")
-    lines += ["", "video(own): the video tower shares the image ViT (ImageBind style); only its temporal "
-              "layers are its own.", ""]
+    lines += ["", "video(own): parameters only the video tower has: its own frame ViT where the config says "
+              "`share_image_tower: false` (tiny: 6 input channels, frames + frame differences), else (ImageBind "
+              "style, sharing the image ViT) just its temporal layers.", ""]
     return "\n".join(lines)
 
 
