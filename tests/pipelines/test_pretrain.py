@@ -173,3 +173,24 @@ def test_bad_config_fails_before_any_worker(shards, micro_model, tmp_path):
         run_pretrain(cfg)
     assert time.monotonic() - started < 10
     assert not (tmp_path / "runs").exists()
+
+
+def test_cached_epochs_replay_the_split_in_new_orders(shards, micro_model, tmp_path):
+    from pipelines.training.data import DataConfig, TrainStream, resolve_data
+
+    cfg = DataConfig(train=str(shards), modalities=("image", "text"), cache_decoded=True)
+    data = resolve_data(cfg)
+    per = data.samples_per_epoch
+    stream = TrainStream(data=data, config=cfg, spec_dict=json.loads(Path(micro_model).read_text())["inputs"],
+                         run_dir=str(tmp_path / "no-checkpoints"), samples_needed=2 * per)
+
+    def keys(ds) -> list[str]:
+        return [row["key"] for row in ds.select_columns(["key"]).take_all()]
+
+    full = keys(stream())  # from step 0: the run's 2 epochs plus one spare
+    assert len(full) == 3 * per
+    epochs = [full[i * per:(i + 1) * per] for i in range(3)]
+    assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == per for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]  # each epoch has an order of its own
+    resumed = keys(stream.replayed_epochs(1, 5, 1))  # a resumed run: epoch 1 after 5 samples
+    assert resumed == epochs[1][5:]
