@@ -41,9 +41,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# The driver starts Ray itself (ensure_ray). Without this, a `ReadStats.__del__` that runs at interpreter
-# exit, after Ray shut down, calls an actor method, which auto-starts a new Ray instance and hangs the exit.
-os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 WORK = REPO / ".raybind" / "bench" / "train_throughput"
 RESULTS = REPO / "benchmarks" / "results"

@@ -123,16 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: finalisers of Ray handles can re-initialise Ray after the cluster is
-    # gone and hang the process (seen after a failed run, with the reader's stats ledger).
-    os._exit(code)
+    main()
