@@ -57,7 +57,10 @@ def sum_counts(parts: dict[Any, dict]) -> dict:
     return totals
 
 
-@ray.remote(num_cpus=0)
+# Out of order: an ordered actor waits for each caller's calls in sequence and fails every queued
+# call when one never arrives (CI: a read task cancelled mid-send left a worker's "seq_no" gap, and
+# 30 s later the next task's report raised ActorUnavailableError). Reports carry their own order.
+@ray.remote(num_cpus=0, allow_out_of_order_execution=True)
 class _StatsActor:
     """Ledgers by id: parts {(epoch, shard): counts}, planned / finished shard keys, limits."""
 
@@ -65,7 +68,8 @@ class _StatsActor:
         self.ledgers: dict[str, dict[str, Any]] = {}
 
     def _ledger(self, ledger_id: str) -> dict[str, Any]:
-        return self.ledgers.setdefault(ledger_id, {"parts": {}, "planned": set(), "finished": set(),
+        return self.ledgers.setdefault(ledger_id, {"parts": {}, "senders": {}, "planned": set(),
+                                                   "finished": set(),
                                                    "max_failure_fraction": 1.0, "min_samples": 0})
 
     def plan(self, ledger_id: str, keys: list[tuple[int, str]], max_failure_fraction: float,
@@ -74,10 +78,16 @@ class _StatsActor:
         ledger["planned"].update(keys)
         ledger["max_failure_fraction"], ledger["min_samples"] = max_failure_fraction, min_samples
 
-    def report(self, ledger_id: str, key: tuple[int, str], counts: dict, final: bool) -> str | None:
-        """Store a shard's cumulative counts; return an error message if the limit is exceeded."""
+    def report(self, ledger_id: str, key: tuple[int, str], counts: dict, final: bool,
+               sender: tuple[str, int] = ("", 0)) -> str | None:
+        """Store a shard's cumulative counts; return an error message if the limit is exceeded.
+        `sender` = (reporter id, sequence number): a report older than the one stored from the same
+        reporter is ignored; another reporter (a retried task, a second pass) replaces the counts."""
         ledger = self._ledger(ledger_id)
-        ledger["parts"][key] = counts
+        reporter, seq = sender
+        stored = ledger["senders"].get(key)
+        if stored is None or stored[0] != reporter or seq > stored[1]:
+            ledger["parts"][key], ledger["senders"][key] = counts, sender
         if final:
             ledger["finished"].add(key)
         totals = sum_counts(ledger["parts"])
@@ -159,6 +169,7 @@ class Reporter:
     def __init__(self, actor, ledger_id: str, key: tuple[int, str], every_s: float = REPORT_EVERY_S):
         self.actor, self.ledger_id, self.key, self.every_s = actor, ledger_id, key, every_s
         self.pending, self.last = None, time.monotonic()
+        self.id, self.sent = uuid.uuid4().hex, 0
 
     def __call__(self, counts: dict, final: bool) -> None:
         if not final and time.monotonic() - self.last < self.every_s:
@@ -167,7 +178,8 @@ class Reporter:
         if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
             self._check(self.pending)
             self.pending = None
-        ref = self.actor.report.remote(self.ledger_id, self.key, counts, final)
+        self.sent += 1
+        ref = self.actor.report.remote(self.ledger_id, self.key, counts, final, (self.id, self.sent))
         if final:
             self._check(ref)
         elif self.pending is None:  # an unanswered older report is covered by this cumulative one

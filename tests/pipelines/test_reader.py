@@ -146,3 +146,19 @@ def test_read_stats_copies_share_the_ledger(ray_cluster, read, shapes_dir):
     del copy
     gc.collect()  # a copy going away must not free the original's counters
     assert stats.snapshot()["samples_good"] == 40
+
+
+def test_read_stats_keep_the_newest_report_whatever_the_arrival_order(ray_cluster):
+    import ray
+
+    from pipelines.read_stats import Reporter
+
+    stats = ReadStats()
+    key, counts = (0, "shard-0.tar"), [{"good": n, "filtered": 0, "skipped": {}, "dropped": {},
+                                         "good_per_modality": {}, "bytes_per_modality": {}} for n in (5, 9)]
+    # The actor runs calls as they arrive: a late block report must not undo the final one.
+    ray.get(stats.actor.report.remote(stats.id, key, counts[1], True, ("task-a", 2)))
+    ray.get(stats.actor.report.remote(stats.id, key, counts[0], False, ("task-a", 1)))
+    assert stats.snapshot()["samples_good"] == 9
+    Reporter(stats.actor, stats.id, key)(dict(counts[0], good=3), final=True)  # a retried task replaces it
+    assert stats.snapshot()["samples_good"] == 3
