@@ -45,6 +45,9 @@ class TowerConfig:
       inside an installed Python package; width / layers / heads must match its config.json, and
       the model's `inputs.tokenizer` must name the same folder.
     `locked` freezes the tower (LiT): no gradients, eval mode; its projection head still trains.
+    `conv_stem` replaces the ViT's one-layer patchify with stride-2 3x3 convolutions down to the
+    patch grid (Xiao et al. 2021, "Early convolutions help transformers see better"): small models
+    on small images then tell outlines apart (ShapesWorld's shapes) that one linear patch blurs.
     """
 
     width: int
@@ -56,6 +59,7 @@ class TowerConfig:
     kind: str = "open_clip"
     pretrained: str = ""  # local weights to start from ("" = random init); required for kind "hf"
     locked: bool = False
+    conv_stem: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "layers", "heads"):
@@ -64,6 +68,10 @@ class TowerConfig:
         _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio!r}")
         if self.patch_size is not None:
             _positive_int(self.patch_size, "patch_size")
+        if self.conv_stem:
+            p = self.patch_size or 0
+            _check(p >= 2 and p & (p - 1) == 0, "conv_stem",
+                   f"needs a power-of-two patch_size >= 2 (stride-2 convolutions), got {self.patch_size!r}")
         _check(self.kind in TOWER_KINDS, "kind", f"must be one of {TOWER_KINDS}, got {self.kind!r}")
         _check(isinstance(self.pretrained, str), "pretrained", "must be a path string")
         _check(self.kind != "hf" or bool(self.pretrained), "pretrained",

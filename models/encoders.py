@@ -57,7 +57,9 @@ class PatchEncoder(Encoder):
         )
         # The shared-space head lives in BindingModel; drop open_clip's own projection.
         self.vit.proj = None
-        if in_channels != 3:
+        if tower.conv_stem:
+            self.vit.conv1 = conv_stem(in_channels, tower.width, tower.patch_size)
+        elif in_channels != 3:
             # open_clip hard-codes RGB; a spectrogram is one channel (AST / ImageBind audio).
             self.vit.conv1 = nn.Conv2d(in_channels, tower.width, kernel_size=tower.patch_size,
                                        stride=tower.patch_size, bias=False)
@@ -70,6 +72,24 @@ class PatchEncoder(Encoder):
     def encode(self, x: Tensor) -> EncoderOutput:
         pooled, tokens = self.vit(x)
         return EncoderOutput(tokens=tokens, pooled=pooled)
+
+
+STEM_MIN_CHANNELS = 8
+
+
+def conv_stem(in_channels: int, width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 3x3 conv + GroupNorm + ReLU stages, channels doubling up to width/2,
+    then a 1x1 conv to width: the same (B, width, H/p, W/p) grid as the patchify it replaces."""
+    stages, channels = [], in_channels
+    n = patch_size.bit_length() - 1
+    for i in range(n):
+        out = max(width // 2 ** (n - i), STEM_MIN_CHANNELS)
+        # GroupNorm, not the paper's BatchNorm: no running statistics, so an embedding never depends
+        # on train/eval mode, on the rest of its batch, or on buffers DDP would have to broadcast.
+        stages += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(4, out),
+                   nn.ReLU(inplace=True)]
+        channels = out
+    return nn.Sequential(*stages, nn.Conv2d(channels, width, 1))
 
 
 class TextEncoder(Encoder):

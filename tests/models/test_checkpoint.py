@@ -57,13 +57,13 @@ def test_shared_tower_is_stored_once_and_tied_again_on_load(tmp_path):
     with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
         keys = set(f.keys())
         assert f.metadata()["raybind"] == "raybind-model/1"
-    assert "encoders.image.vit.conv1.weight" in keys
+    assert "encoders.image.vit.positional_embedding" in keys
     assert not any(k.startswith("encoders.video.frame_encoder.") for k in keys)
     assert "encoders.video.temporal_embedding" in keys
     loaded = load_model(tmp_path)
     assert loaded.encoders["video"].frame_encoder is loaded.encoders["image"]
     groups = alias_groups(loaded.state_dict())
-    assert ["encoders.image.vit.conv1.weight", "encoders.video.frame_encoder.vit.conv1.weight"] in groups
+    assert ["encoders.image.vit.positional_embedding", "encoders.video.frame_encoder.vit.positional_embedding"] in groups
 
 
 def test_config_json_is_plain_and_complete(tmp_path):

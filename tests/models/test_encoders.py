@@ -117,3 +117,26 @@ def test_motion_video_tower_sees_frame_order():
 def test_motion_needs_the_videos_own_tower():
     with pytest.raises(ValueError, match="^motion: needs the video's own frame tower"):
         VideoTowerConfig(share_image_tower=True, motion=True)
+
+
+@pytest.mark.parametrize("patch_size,in_channels", [(8, 3), (16, 6), (16, 1)])
+def test_conv_stem_gives_the_patch_grid(patch_size, in_channels):
+    torch.manual_seed(0)
+    tower = TowerConfig(width=32, layers=1, heads=2, patch_size=patch_size, conv_stem=True)
+    encoder = PatchEncoder(tower, (64, 64), in_channels=in_channels).eval()
+    assert isinstance(encoder.vit.conv1, torch.nn.Sequential)
+    out = encoder.encode(torch.randn(B, in_channels, 64, 64))
+    assert out.tokens.shape == (B, (64 // patch_size) ** 2, 32) and out.pooled.shape == (B, 32)
+    # Convolutions see neighbouring pixels across patch borders: a one-pixel change moves the tokens
+    # of the patch it sits in and of the next one (a plain patchify changes one token only).
+    x = torch.randn(1, in_channels, 64, 64)
+    y = x.clone()
+    y[..., patch_size - 1, patch_size - 1] += 5.0  # bottom-right pixel of the first patch
+    moved = (encoder.encode(x).tokens - encoder.encode(y).tokens).abs().sum(-1)[0] > 1e-6
+    assert moved.sum() >= 2 and moved[0]
+
+
+@pytest.mark.parametrize("patch_size", [None, 1, 12])
+def test_conv_stem_needs_a_power_of_two_patch(patch_size):
+    with pytest.raises(ValueError, match="^conv_stem: needs a power-of-two patch_size"):
+        TowerConfig(width=32, layers=1, heads=2, patch_size=patch_size, conv_stem=True)

@@ -139,8 +139,9 @@ def test_locked_tower_is_unchanged_by_training_and_survives_a_checkpoint(tiny_be
 # ----------------------------------------------------------------------------- open_clip checkpoints
 def twin_with(image_pretrained: str = "", text_pretrained: str = "") -> ModelConfig:
     base = ModelConfig.from_name("tiny")
+    # open_clip's ViT patchifies with one convolution: no conv stem, to hold its weights
     return dataclasses.replace(base, name="oc", video=None, audio=None,
-                               image=dataclasses.replace(base.image, pretrained=image_pretrained),
+                               image=dataclasses.replace(base.image, pretrained=image_pretrained, conv_stem=False),
                                text=dataclasses.replace(base.text, pretrained=text_pretrained))
 
 
@@ -192,9 +193,19 @@ def test_raybind_model_folder_initialises_any_tower(tmp_path):
     model = BindingModel(config)
     for k, v in source.encoders["audio"].state_dict().items():
         assert torch.equal(model.encoders["audio"].state_dict()[k], v)
-    assert not torch.equal(model.encoders["image"].vit.conv1.weight, source.encoders["image"].vit.conv1.weight)
+    assert not torch.equal(model.encoders["image"].vit.positional_embedding,
+                           source.encoders["image"].vit.positional_embedding)
 
 
 def test_default_spec_keeps_open_clip_tokenizer():
     assert InputSpec().tokenizer == "open_clip"
     np.testing.assert_array_equal(decode.tokenize(["a frog"], 8), decode.tokenize(["a frog"], 8, "open_clip"))
+
+
+def test_open_clip_checkpoint_does_not_fit_a_conv_stem(tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save(open_clip_model(twin_with()).state_dict(), path)
+    config = twin_with(str(path))
+    config = dataclasses.replace(config, image=dataclasses.replace(config.image, conv_stem=True))
+    with pytest.raises(ValueError, match=r"image.pretrained: .* do not fit the image tower: vit.conv1.0.weight: missing"):
+        BindingModel(config)
