@@ -48,9 +48,15 @@ class InitSection:
     from_model: str = ""  # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a model / checkpoint folder
     pretrained: bool = True  # false: the same architecture, randomly initialised (the from-scratch baseline)
     lock: tuple[str, ...] = ()  # towers kept frozen, e.g. [text] for LiT-style retrieval tuning
+    # The pretrained backbone learns at optim.lr x this, the new head at optim.lr: a head starting
+    # from random weights sends large gradients into towers that already work. A random backbone
+    # (pretrained=false) has nothing to keep and always learns at optim.lr.
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self):
         _check_modalities(self.lock, "lock")
+        require(0 < self.backbone_lr_scale <= 1, "init.backbone_lr_scale",
+                f"must be in (0, 1], got {self.backbone_lr_scale}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +274,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     data.stats = ReadStats()
     lineage = tracking.lineage_tags(data.shard_urls, data.manifest, ray.cluster_resources())
     run_id = open_run(cfg, run_name, {**lineage, **parent.tags()})
-    spec = LoopSpec(task=task, train=cfg.train, optim=cfg.optim, tracking_uri=uri, run_id=run_id)
+    optim = dataclasses.replace(cfg.optim, backbone_lr_scale=cfg.init.backbone_lr_scale if cfg.init.pretrained else 1.0)
+    spec = LoopSpec(task=task, train=cfg.train, optim=optim, tracking_uri=uri, run_id=run_id,
+                    prefetch_batches=0 if cfg.data.cache_decoded else 4)
     t = cfg.train
     stream = TrainStream(data=data, config=dataclasses.replace(cfg.data, modalities=task.modalities),
                          spec_dict=parent.config["inputs"], run_dir=storage.join(store, run_name),

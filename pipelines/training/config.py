@@ -19,6 +19,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     accum_steps: int = 1  # micro-batches per optimiser step
+    # Parameters under the task module's `backbone` (fine-tuning: the pretrained binding model) learn at
+    # lr x this; the new head at lr. Set by `raybind finetune` from init.backbone_lr_scale.
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self):
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -28,6 +31,7 @@ class OptimConfig:
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         require(self.accum_steps >= 1, "accum_steps", "must be >= 1")
+        require(0 < self.backbone_lr_scale <= 1, "backbone_lr_scale", f"must be in (0, 1], got {self.backbone_lr_scale}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,11 @@ class LoopSpec:
     tracking_uri: str
     run_id: str
     dataset: str = "train"
+    # Batches whose blocks are fetched ahead. 0 for data.cache_decoded: its epochs replay the same
+    # block refs, a prefetch window across an epoch boundary then holds one ref twice, and Ray's
+    # prefetcher thread logs "Wait requires a list of unique ray_waitables" for every batch there.
+    # On one node the cached blocks are already local; across nodes a block is fetched when needed.
+    prefetch_batches: int = 4
 
 
 @dataclass
@@ -77,7 +82,8 @@ def batch_stream(spec: LoopSpec, device: torch.device):
 
     shard = ray.train.get_dataset_shard(spec.dataset)
     # drop_last: every rank must see equal batch sizes for the gathered contrastive loss.
-    yield from to_torch_batches(shard, spec.train.batch_size, drop_last=True, device=str(device))
+    yield from to_torch_batches(shard, spec.train.batch_size, drop_last=True, device=str(device),
+                                prefetch_batches=spec.prefetch_batches)
 
 
 def next_batch(stream, timing: Timing):

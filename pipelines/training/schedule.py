@@ -9,18 +9,23 @@ import torch
 from pipelines.training.config import OptimConfig
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings' scales and the logit scale (as CLIP does)."""
-    decay, no_decay = [], []
+def param_groups(module: torch.nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' scales and the logit scale (as CLIP does); a
+    module's `backbone.*` parameters at lr x backbone_lr_scale (DDP's `module.` prefix ignored)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "logit_bias" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim < 2 or "logit_scale" in name or "logit_bias" in name)
+        backbone = name.removeprefix("module.").startswith("backbone.")
+        groups.setdefault((decays, backbone), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * (backbone_lr_scale if backbone else 1.0)}
+            for (decays, backbone), params in sorted(groups.items(), reverse=True)]
 
 
 def make_optimizer(module: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay, cfg.lr, cfg.backbone_lr_scale), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
