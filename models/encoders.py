@@ -78,15 +78,17 @@ STEM_MIN_CHANNELS = 8
 
 
 def conv_stem(in_channels: int, width: int, patch_size: int) -> nn.Sequential:
-    """log2(patch_size) stride-2 3x3 conv + GroupNorm + ReLU stages, channels doubling up to width/2,
+    """log2(patch_size) stride-2 3x3 conv + BatchNorm + ReLU stages, channels doubling up to width/2,
     then a 1x1 conv to width: the same (B, width, H/p, W/p) grid as the patchify it replaces."""
     stages, channels = [], in_channels
     n = patch_size.bit_length() - 1
     for i in range(n):
         out = max(width // 2 ** (n - i), STEM_MIN_CHANNELS)
-        # GroupNorm, not the paper's BatchNorm: no running statistics, so an embedding never depends
-        # on train/eval mode, on the rest of its batch, or on buffers DDP would have to broadcast.
-        stages += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(4, out),
+        # BatchNorm, as in the paper. GroupNorm normalises each image on its own and so strips its
+        # absolute colour: a 100-step image-text run then found the caption's colour in 0.50-0.95
+        # of its top-5 images, against 1.00 with BatchNorm or without a stem. Locked towers stay in
+        # eval mode (running statistics fixed); DDP broadcasts the buffers from rank 0.
+        stages += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
                    nn.ReLU(inplace=True)]
         channels = out
     return nn.Sequential(*stages, nn.Conv2d(channels, width, 1))

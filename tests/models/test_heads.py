@@ -78,7 +78,7 @@ def test_artefact_round_trip(tmp_path, fusion):
     x = batch_for(model.backbone.config, list(mods), batch=B)
     torch.testing.assert_close(again(x), model(x))
     assert again.head_config == model.head_config
-    backbone = load_model(tmp_path / "m")  # the folder is still a plain binding model
+    backbone = load_model(tmp_path / "m").eval()  # the folder is still a plain binding model
     torch.testing.assert_close(backbone.encode("image", x["image"]), model.backbone.encode("image", x["image"]))
     with pytest.raises(ConfigMismatchError, match="not a classifier"):
         load_classifier(_plain_model(tmp_path))
