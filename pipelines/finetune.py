@@ -276,7 +276,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     run_id = open_run(cfg, run_name, {**lineage, **parent.tags()})
     optim = dataclasses.replace(cfg.optim, backbone_lr_scale=cfg.init.backbone_lr_scale if cfg.init.pretrained else 1.0)
     spec = LoopSpec(task=task, train=cfg.train, optim=optim, tracking_uri=uri, run_id=run_id,
-                    prefetch_batches=0 if cfg.data.cache_decoded else 4)
+                    prefetch_batches=cfg.data.prefetch_batches)
     t = cfg.train
     stream = TrainStream(data=data, config=dataclasses.replace(cfg.data, modalities=task.modalities),
                          spec_dict=parent.config["inputs"], run_dir=storage.join(store, run_name),

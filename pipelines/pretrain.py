@@ -148,7 +148,7 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
     task = ContrastiveTask(model_config=model_dict, loss=cfg.loss, modalities=cfg.data.modalities,
                            lock=cfg.model.lock, init_from=init_dir)
     spec = LoopSpec(task=task, train=cfg.train, optim=cfg.optim, tracking_uri=uri, run_id=run_id,
-                    prefetch_batches=0 if cfg.data.cache_decoded else 4)
+                    prefetch_batches=cfg.data.prefetch_batches)
     stream = dataset if dataset is not None else TrainStream(
         data=data, config=cfg.data, spec_dict=model_dict["inputs"], run_dir=storage.join(store, run_name),
         samples_needed=cfg.train.steps * cfg.train.batch_size * cfg.train.num_workers * cfg.optim.accum_steps)

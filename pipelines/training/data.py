@@ -36,6 +36,13 @@ class DataConfig:
     # again each epoch costs more CPU than training. Refused when the decoded split would not fit.
     cache_decoded: bool = False
 
+    @property
+    def prefetch_batches(self) -> int:
+        """Batches whose blocks a trainer fetches ahead. None with the cache: its epochs replay the
+        same block refs, a window across an epoch boundary holds one ref twice and Ray's prefetcher
+        (`ray.wait`) logs an error for every batch there; on one node the blocks are local anyway."""
+        return 0 if self.cache_decoded else 4
+
     def __post_init__(self):
         require(0 <= self.max_failure_fraction <= 1, "max_failure_fraction", "must be in [0, 1]")
         require(self.read_cpus > 0, "read_cpus", "must be > 0")

@@ -31,11 +31,7 @@ class LoopSpec:
     tracking_uri: str
     run_id: str
     dataset: str = "train"
-    # Batches whose blocks are fetched ahead. 0 for data.cache_decoded: its epochs replay the same
-    # block refs, a prefetch window across an epoch boundary then holds one ref twice, and Ray's
-    # prefetcher thread logs "Wait requires a list of unique ray_waitables" for every batch there.
-    # On one node the cached blocks are already local; across nodes a block is fetched when needed.
-    prefetch_batches: int = 4
+    prefetch_batches: int = 4  # DataConfig.prefetch_batches
 
 
 @dataclass
