@@ -162,3 +162,17 @@ def test_read_stats_keep_the_newest_report_whatever_the_arrival_order(ray_cluste
     assert stats.snapshot()["samples_good"] == 9
     Reporter(stats.actor, stats.id, key)(dict(counts[0], good=3), final=True)  # a retried task replaces it
     assert stats.snapshot()["samples_good"] == 3
+
+
+def test_read_tasks_decode_with_one_torch_thread_per_cpu(ray_cluster, read, shapes_dir):
+    # Workers import torch at start-up, before Ray sets OMP_NUM_THREADS for a task, so torch's pool
+    # is sized for the whole machine unless the read task resizes it: two 2-thread decoders on 2
+    # cores cost 3x the CPU per sample (measured). map_batches fuses into the read task.
+    def torch_threads(batch: dict) -> dict:  # local: pickled by value for the workers
+        import torch
+        return {"threads": np.full(len(batch["key"]), torch.get_num_threads())}
+
+    ds, _ = read(shapes_dir, num_cpus_per_task=1.0)
+    threads = {int(t) for b in ds.map_batches(torch_threads).iter_batches(batch_size=None)
+               for t in b["threads"]}
+    assert threads == {1}
