@@ -47,6 +47,9 @@ RESULTS = REPO / "benchmarks" / "results"
 SHARDS, SHARD_SIZE = 16, 500  # 8000 samples: one open_clip epoch of 60 x 128 without resampling
 MODALITIES = ("image", "text")
 OPENCLIP_MODEL = "raybind-tiny-image-text"  # benchmarks/configs/raybind-tiny-image-text.json
+# (b)'s raybind model: `tiny` with the one-convolution patchify that open_clip's config has (tiny's
+# image tower has a conv stem), so both trainers run the same towers.
+SAME_TOWERS = REPO / "benchmarks" / "configs" / "raybind-tiny-patchify.json"
 LOG_EVERY = 10
 DEADLINE_S = 25 * 60  # a hung run (e.g. a Ray scheduling deadlock) must not hold the lock forever
 
@@ -325,7 +328,8 @@ def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int) -> dict:
     # the baseline is the faster open_clip run, and raybind runs between the two.
     out["openclip_w2"] = openclip_run(shards, steps, warmup, batch, workers=2)
     print(f"[bench] (b) open_clip --workers 2: {out['openclip_w2']['samples_per_s']:.1f} samples/s", flush=True)
-    cfg = pretrain_config(shards, uri, f"b-{stamp}", steps=steps, batch_size=batch // 2, num_workers=2,
+    same_towers = (f"model.name={SAME_TOWERS}",)
+    cfg = pretrain_config(shards, uri, f"b-{stamp}", same_towers, steps=steps, batch_size=batch // 2, num_workers=2,
                           checkpoint_every=steps)
     out["raybind_config"] = {"num_workers": cfg.train.num_workers, "cpus_per_worker": cfg.train.cpus_per_worker,
                              "torch_threads": cfg.train.torch_threads or math.ceil(cfg.train.cpus_per_worker),
@@ -335,7 +339,7 @@ def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int) -> dict:
     # The same job with data.cache_decoded=true (what the demo uses): the split is decoded once
     # before step 1, so the steady state trains on cached tensors. Reported beside the streaming run,
     # not instead of it: a one-epoch job pays the decode up front (its `run_seconds` show it).
-    cached = pretrain_config(shards, uri, f"b-cached-{stamp}", ("data.cache_decoded=true",), steps=steps,
+    cached = pretrain_config(shards, uri, f"b-cached-{stamp}", (*same_towers, "data.cache_decoded=true"), steps=steps,
                              batch_size=batch // 2, num_workers=2, checkpoint_every=steps)
     out["raybind_cached"] = raybind_run(cached, warmup)
     print(f"[bench] (b) raybind, cache_decoded: {out['raybind_cached']['samples_per_s']:.1f} samples/s", flush=True)
@@ -350,6 +354,18 @@ def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def keep_other_part(result: dict, parts: str) -> None:
+    """A run of one part keeps the other part's latest results (with their date) from the last report."""
+    path = RESULTS / "train_throughput.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    for part in ("a", "b"):
+        result[f"{part}_date"] = result["date"] if part in parts else previous.get(f"{part}_date", previous.get("date"))
+        if part not in parts and part in previous:
+            result[part] = previous[part]
+            result.setdefault("notes", []).append(
+                f"({part}) is kept from the run of {result[f'{part}_date']}; this run measured only ({parts}).")
+
+
 def write_report(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -390,7 +406,7 @@ def write_report(result: dict) -> None:
         lines += [
             "## (b) raybind pretrain vs open_clip_train.main, image+text (target >= 1.0x)", "",
             f"Global batch {b['global_batch']}, {b['steps']} steps, first {b['warmup_steps']} skipped, same shards, "
-            "same towers, both on all 2 cores. Run order: open_clip --workers 2, raybind, open_clip --workers 1; "
+            "same towers, both on all 2 cores. Run order: open_clip --workers 2, the raybind runs, open_clip --workers 1; "
             "the ratio is against the faster open_clip run.", "",
             "| trainer | how it uses the 2 cores | samples/s | data wait | ratio |", "|---|---|---|---|---|"]
         for key, workers in (("openclip_w2", 2), ("openclip_w1", 1)):
@@ -399,7 +415,8 @@ def write_report(result: dict) -> None:
                          f"--workers {workers} | {o['samples_per_s']:.1f} | {o['data_wait_fraction']:.1%} | "
                          f"{o['samples_per_s'] / best['samples_per_s']:.2f} |")
         lines += [
-            f"| **raybind pretrain** (configs/pretrain/tiny.yaml, data.modalities=[image,text]) | "
+            f"| **raybind pretrain** (configs/pretrain/tiny.yaml, data.modalities=[image,text], "
+            "model.name=benchmarks/configs/raybind-tiny-patchify.json) | "
             f"{c['num_workers']} Ray Train workers x {c['cpus_per_worker']} CPU ({c['torch_threads']} torch thread "
             f"each), Ray Data decode tasks x {c['read_cpus']} CPU | {r['samples_per_s']:.1f} | "
             f"{r['data_wait_fraction']:.1%} | **{b['ratio']:.2f}** |"]
@@ -458,9 +475,10 @@ def main() -> None:
     busy = max(result["load_start"][0], result["load_end"][0])
     if busy > (os.cpu_count() or 1):
         result.setdefault("notes", []).append(
-            f"The 1-minute load average reached {busy} on {os.cpu_count()} cores (jobs outside the lock): "
-            "absolute samples/s are depressed and noisy, multi-threaded (2-thread) runs most of all; compare "
-            "the ratios, and the per-run loads in the JSON.")
+            f"The 1-minute load average reached {busy} on {os.cpu_count()} cores (the benchmark's own Ray "
+            "processes count, and jobs outside the lock): absolute samples/s are noisy, multi-threaded "
+            "(2-thread) runs most of all; compare the ratios, and the per-run loads in the JSON.")
+    keep_other_part(result, args.parts)
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_report(result)
     print((RESULTS / "train_throughput.md").read_text())
