@@ -10,6 +10,7 @@ Why the environment variables (measured on Ray 2.60, see docs/architecture.md):
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 from pipelines import workspace
@@ -52,6 +53,24 @@ def import_torch_first() -> None:
     import torch  # noqa: F401
 
 
+def quiet_placement_group_cleaner() -> None:
+    """Silence Ray Train v2's PlacementGroupCleaner warnings (errors still show).
+
+    Why: it asks the State API, which the dashboard serves, whether the train controller is alive,
+    about once a second. The local cluster here runs without a dashboard, so each check logged
+    "Failed to query Ray Train Controller actor state" (hundreds of lines per demo run). What it
+    guards against (a dead controller's placement group left behind) cannot be checked without the
+    API either way, and a local cluster ends with its driver.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def setup_worker() -> None:
+    """Ray worker setup hook for the local clusters ensure_ray starts."""
+    import_torch_first()
+    quiet_placement_group_cleaner()
+
+
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS) if given, else start an in-process local cluster.
 
@@ -73,7 +92,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     os.environ.setdefault("RAY_num_workers_soft_limit", str((num_cpus or os.cpu_count() or 1) + 2))
     ray.init(
         num_cpus=num_cpus,
-        runtime_env={"worker_process_setup_hook": import_torch_first},
+        runtime_env={"worker_process_setup_hook": setup_worker},
         include_dashboard=False,
         _temp_dir=os.environ["RAY_TMPDIR"],
         configure_logging=True,

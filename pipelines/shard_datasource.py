@@ -227,7 +227,7 @@ def to_block(rows: list[dict], cfg: ReaderConfig, spec: InputSpec):
 
 def limit_torch_threads(cpus: float) -> None:
     """Decode with as many torch threads as the task has CPUs (the log-mel's STFT is a torch op).
-    Why: the worker imported torch at start-up (ray_runtime.import_torch_first), before Ray set
+    Why: the worker imported torch at start-up (ray_runtime.setup_worker), before Ray set
     OMP_NUM_THREADS for the task, so torch sized its pool for the whole machine. Two 1-CPU read
     tasks with two threads each on 2 cores cost 15-26 ms of CPU per sample instead of 5-7 (measured)."""
     import torch
