@@ -47,9 +47,6 @@ RESULTS = REPO / "benchmarks" / "results"
 SHARDS, SHARD_SIZE = 16, 500  # 8000 samples: one open_clip epoch of 60 x 128 without resampling
 MODALITIES = ("image", "text")
 OPENCLIP_MODEL = "raybind-tiny-image-text"  # benchmarks/configs/raybind-tiny-image-text.json
-# (b)'s raybind model: `tiny` with the one-convolution patchify that open_clip's config has (tiny's
-# image tower has a conv stem), so both trainers run the same towers.
-SAME_TOWERS = REPO / "benchmarks" / "configs" / "raybind-tiny-patchify.json"
 LOG_EVERY = 10
 DEADLINE_S = 25 * 60  # a hung run (e.g. a Ray scheduling deadlock) must not hold the lock forever
 
@@ -321,6 +318,21 @@ def openclip_run(shards: Path, steps: int, warmup: int, batch: int, workers: int
             "load_before": load_before, "load_after": load_avg()}
 
 
+def same_towers_config() -> Path:
+    """(b)'s raybind model: `tiny` with the one-convolution patchify that open_clip's config has
+    (tiny's image tower has a conv stem), so both trainers run the same towers. Derived from tiny at
+    run time, so it cannot drift from it."""
+    import dataclasses
+
+    from models.config import ModelConfig
+
+    tiny = ModelConfig.from_name("tiny")
+    config = dataclasses.replace(tiny, name="tiny-patchify", image=dataclasses.replace(tiny.image, conv_stem=False))
+    path = WORK / "tiny-patchify.json"
+    path.write_text(json.dumps(config.to_dict(), indent=2))
+    return path
+
+
 def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"global_batch": batch, "steps": steps, "warmup_steps": warmup}
@@ -328,7 +340,7 @@ def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int) -> dict:
     # the baseline is the faster open_clip run, and raybind runs between the two.
     out["openclip_w2"] = openclip_run(shards, steps, warmup, batch, workers=2)
     print(f"[bench] (b) open_clip --workers 2: {out['openclip_w2']['samples_per_s']:.1f} samples/s", flush=True)
-    same_towers = (f"model.name={SAME_TOWERS}",)
+    same_towers = (f"model.name={same_towers_config()}",)
     cfg = pretrain_config(shards, uri, f"b-{stamp}", same_towers, steps=steps, batch_size=batch // 2, num_workers=2,
                           checkpoint_every=steps)
     out["raybind_config"] = {"num_workers": cfg.train.num_workers, "cpus_per_worker": cfg.train.cpus_per_worker,
@@ -416,7 +428,7 @@ def write_report(result: dict) -> None:
                          f"{o['samples_per_s'] / best['samples_per_s']:.2f} |")
         lines += [
             f"| **raybind pretrain** (configs/pretrain/tiny.yaml, data.modalities=[image,text], "
-            "model.name=benchmarks/configs/raybind-tiny-patchify.json) | "
+            "tiny without its image conv stem) | "
             f"{c['num_workers']} Ray Train workers x {c['cpus_per_worker']} CPU ({c['torch_threads']} torch thread "
             f"each), Ray Data decode tasks x {c['read_cpus']} CPU | {r['samples_per_s']:.1f} | "
             f"{r['data_wait_fraction']:.1%} | **{b['ratio']:.2f}** |"]
