@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -92,3 +94,19 @@ def test_every_shipped_yaml_validates():
         cls = by_file.get(rel) or by_file.get(rel.split("/")[0] + "/*")
         assert cls is not None, f"configs/{rel} is not the config of any CLI job"
         load_config(cls, REPO / "configs" / rel)
+
+
+def test_the_demo_trains_as_configs_pretrain_tiny_says():
+    """The demo embeds its pretraining settings; they must not drift from the tiny job's file (they
+    did once: the demo trained at the code's default lr 1e-3 while the file and the probes used 2e-3)."""
+    from pipelines.demo import DemoConfig
+    from pipelines.pretrain import PretrainConfig
+
+    demo = load_config(DemoConfig, REPO / "configs" / "demo.yaml").pretrain
+    tiny = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny.yaml")
+    assert demo.optim == tiny.optim
+    assert demo.loss == tiny.loss
+    assert demo.model == tiny.model
+    # What the demo sets on purpose: its own data folder, the decode cache, its length and name.
+    assert dataclasses.replace(demo.data, train="", cache_decoded=False) == dataclasses.replace(tiny.data, train="")
+    assert dataclasses.replace(demo.train, steps=tiny.train.steps) == tiny.train
