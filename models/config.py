@@ -88,12 +88,16 @@ class VideoTowerConfig:
     `temporal_layers=0` skips the temporal transformer (plain mean over frames).
     `motion` adds each frame's difference to the next one as 3 more input channels: a patch then sees
     which way its edge moved, which pooled per-frame embeddings alone barely keep (needs an own tower).
+    `appearance_from_image` (SlowFast-style two pathways; needs an own frame tower) also runs the clip's
+    middle frame through the image tower (shared weights) and adds its projection to every frame token:
+    fine shape comes from the image tower's resolution, motion from the light frame tower.
     """
 
     share_image_tower: bool = True
     frame: TowerConfig | None = None
     temporal_layers: int = 1
     motion: bool = False
+    appearance_from_image: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.share_image_tower, bool), "share_image_tower", "must be true or false")
@@ -106,6 +110,9 @@ class VideoTowerConfig:
         _check(isinstance(self.motion, bool), "motion", "must be true or false")
         _check(not (self.motion and self.share_image_tower), "motion",
                "needs the video's own frame tower (share_image_tower: false): frames get 6 channels")
+        _check(isinstance(self.appearance_from_image, bool), "appearance_from_image", "must be true or false")
+        _check(not (self.appearance_from_image and self.share_image_tower), "appearance_from_image",
+               "needs the video's own frame tower (share_image_tower: false)")
         _check(isinstance(self.temporal_layers, int) and self.temporal_layers >= 0, "temporal_layers",
                f"must be an integer >= 0, got {self.temporal_layers!r}")
 
@@ -181,6 +188,11 @@ class ModelConfig:
         else:
             _check_divides(self.video.frame.patch_size, self.inputs.video_size,
                            "video.frame.patch_size", "inputs.video_size")
+        if self.video.appearance_from_image:
+            _check(self.image is not None, "video.appearance_from_image", "needs an image tower")
+            _check(self.inputs.video_size == self.inputs.image_size, "inputs.video_size",
+                   f"must equal inputs.image_size ({self.inputs.image_size}) when video frames go through "
+                   "the image tower (video.appearance_from_image)")
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -142,9 +142,12 @@ class VideoEncoder(Encoder):
     """
 
     def __init__(self, config: VideoTowerConfig, num_frames: int, frame_encoder: PatchEncoder,
-                 frame_tower: TowerConfig):
+                 frame_tower: TowerConfig, image_encoder: PatchEncoder | None = None):
         super().__init__()
         self.frame_encoder = frame_encoder
+        # The appearance pathway: the image tower itself (shared weights) on the middle frame.
+        self.image_encoder = image_encoder
+        self.appearance = None if image_encoder is None else nn.Linear(image_encoder.width, frame_encoder.width)
         self.motion = config.motion
         self.width = width = frame_encoder.width
         self.temporal_embedding = nn.Parameter(torch.randn(num_frames, width) * 0.02)
@@ -160,6 +163,9 @@ class VideoEncoder(Encoder):
             x = torch.cat([x, motion_channels(x)], dim=2)
         per_frame = self.frame_encoder(x.flatten(0, 1))  # (B*T, W)
         tokens = per_frame.view(batch, frames, -1) + self.temporal_embedding[:frames]
+        if self.image_encoder is not None:  # the raw RGB middle frame (the first 3 channels)
+            middle = self.image_encoder(x[:, frames // 2, :3])
+            tokens = tokens + self.appearance(middle)[:, None]
         if self.temporal is not None:
             tokens = self.temporal(tokens)
         tokens = self.ln(tokens)
@@ -199,7 +205,8 @@ def build_encoders(config: ModelConfig, load_pretrained: bool = True) -> nn.Modu
             frame_tower = config.video.frame
             frame_encoder = PatchEncoder(frame_tower, (spec.video_size, spec.video_size),
                                          in_channels=6 if config.video.motion else 3)
-        encoders["video"] = VideoEncoder(config.video, spec.video_frames, frame_encoder, frame_tower)
+        image_encoder = encoders["image"] if config.video.appearance_from_image else None
+        encoders["video"] = VideoEncoder(config.video, spec.video_frames, frame_encoder, frame_tower, image_encoder)
     if load_pretrained:
         from models.pretrained import init_towers
 

@@ -20,7 +20,7 @@ from models.checkpoint import (
     load_state_dict,
     save_model,
 )
-from models.config import ModelConfig
+from models.config import ModelConfig, TowerConfig
 
 
 def _trained_a_little(config: ModelConfig) -> BindingModel:
@@ -64,6 +64,22 @@ def test_shared_tower_is_stored_once_and_tied_again_on_load(tmp_path):
     assert loaded.encoders["video"].frame_encoder is loaded.encoders["image"]
     groups = alias_groups(loaded.state_dict())
     assert ["encoders.image.vit.positional_embedding", "encoders.video.frame_encoder.vit.positional_embedding"] in groups
+
+
+def test_appearance_pathway_reloads_tied_to_the_image_tower(tmp_path):
+    config = twin()
+    config = dataclasses.replace(config, video=dataclasses.replace(
+        config.video, share_image_tower=False, motion=True, appearance_from_image=True,
+        frame=config.video.frame or TowerConfig(width=32, layers=1, heads=2, patch_size=16)))
+    model = _trained_a_little(config)
+    save_model(model, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
+        assert not any(k.startswith("encoders.video.image_encoder.") for k in f.keys())
+    loaded = load_model(tmp_path)
+    assert loaded.encoders["video"].image_encoder is loaded.encoders["image"]
+    video = torch.randn(2, *config.inputs.shape("video"))
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model.encoders["video"](video), loaded.encoders["video"](video))
 
 
 def test_config_json_is_plain_and_complete(tmp_path):

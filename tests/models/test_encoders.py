@@ -119,6 +119,61 @@ def test_motion_needs_the_videos_own_tower():
         VideoTowerConfig(share_image_tower=True, motion=True)
 
 
+def with_appearance(config: ModelConfig) -> ModelConfig:
+    """`config` with a light own frame tower (motion) plus the image tower on the middle frame."""
+    frame = TowerConfig(width=32, layers=1, heads=2, patch_size=16)
+    return dataclasses.replace(config, video=VideoTowerConfig(
+        share_image_tower=False, frame=frame, motion=True, appearance_from_image=True))
+
+
+def test_appearance_pathway_runs_the_image_tower_on_the_middle_frame():
+    torch.manual_seed(0)
+    config = with_appearance(ModelConfig.from_name("tiny").tiny_twin())
+    encoders = build_encoders(config, load_pretrained=False).eval()
+    video = encoders["video"]
+    assert video.image_encoder is encoders["image"] and video.frame_encoder is not encoders["image"]
+    x = random_input(config, "video")
+    out = video.encode(x)
+    assert out.tokens.shape == (B, config.inputs.video_frames, 32)
+    # The image tower sees the middle frame's RGB and nothing else: its output, projected, is what
+    # the pathway adds to every frame token before the temporal transformer.
+    seen = []
+    hook = video.image_encoder.register_forward_hook(lambda m, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        with_path = video(x)
+        video.appearance.weight.zero_()
+        video.appearance.bias.zero_()
+        zeroed = video(x)
+    hook.remove()
+    torch.testing.assert_close(seen[0], x[:, config.inputs.video_frames // 2])
+    assert not torch.allclose(with_path, zeroed, atol=1e-5)
+    # With the pathway silenced, the tower is exactly the plain motion tower.
+    without = build_encoders(dataclasses.replace(config, video=dataclasses.replace(
+        config.video, appearance_from_image=False)), load_pretrained=False)["video"].eval()
+    without.load_state_dict({k: v for k, v in video.state_dict().items()
+                             if not k.startswith(("image_encoder.", "appearance."))})
+    torch.testing.assert_close(zeroed, without(x))
+
+
+def test_appearance_pathway_trains_the_shared_image_tower_from_video():
+    torch.manual_seed(0)
+    config = with_appearance(ModelConfig.from_name("tiny").tiny_twin())
+    encoders = build_encoders(config, load_pretrained=False)
+    encoders["video"](random_input(config, "video")).sum().backward()
+    image_grads = [p.grad for p in encoders["image"].parameters()]
+    assert all(g is not None for g in image_grads) and any(g.abs().sum() > 0 for g in image_grads)
+
+
+def test_appearance_pathway_config_errors():
+    with pytest.raises(ValueError, match="^appearance_from_image: needs the video's own frame tower"):
+        VideoTowerConfig(share_image_tower=True, appearance_from_image=True)
+    tiny = with_appearance(ModelConfig.from_name("tiny").tiny_twin())
+    with pytest.raises(ValueError, match="^video.appearance_from_image: needs an image tower"):
+        dataclasses.replace(tiny, image=None)
+    with pytest.raises(ValueError, match="^inputs.video_size: must equal inputs.image_size"):
+        dataclasses.replace(tiny, inputs=dataclasses.replace(tiny.inputs, video_size=32))
+
+
 @pytest.mark.parametrize("patch_size,in_channels", [(8, 3), (16, 6), (16, 1)])
 def test_conv_stem_gives_the_patch_grid(patch_size, in_channels):
     torch.manual_seed(0)
