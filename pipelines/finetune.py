@@ -281,7 +281,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     stream = TrainStream(data=data, config=dataclasses.replace(cfg.data, modalities=task.modalities),
                          spec_dict=parent.config["inputs"], run_dir=storage.join(store, run_name),
                          samples_needed=t.steps * t.batch_size * t.num_workers * cfg.optim.accum_steps,
-                         label_fields=label.fields if label else ())
+                         label_fields=label.fields if label else ()).prepared()
     try:
         result = build_trainer(cfg, spec, stream, run_name, store).fit()
     except BaseException:

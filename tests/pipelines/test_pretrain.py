@@ -3,6 +3,7 @@ tracking, registry round trip, resume mid-epoch, a killed worker, a corrupt shar
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -185,7 +186,9 @@ def test_cached_epochs_replay_the_split_in_new_orders(shards, micro_model, tmp_p
                          run_dir=str(tmp_path / "no-checkpoints"), samples_needed=2 * per)
 
     def keys(ds) -> list[str]:
-        return [row["key"] for row in ds.select_columns(["key"]).take_all()]
+        # No map before take_all: Ray Data runs a map's tasks in parallel and, by default, lets their
+        # blocks arrive in any order, which is not the stream's.
+        return [row["key"] for row in ds.take_all()]
 
     full = keys(stream())  # from step 0: the run's 2 epochs plus one spare
     assert len(full) == 3 * per
@@ -194,3 +197,11 @@ def test_cached_epochs_replay_the_split_in_new_orders(shards, micro_model, tmp_p
     assert epochs[0] != epochs[1] != epochs[2]  # each epoch has an order of its own
     resumed = keys(stream.replayed_epochs(1, 5, 1))  # a resumed run: epoch 1 after 5 samples
     assert resumed == epochs[1][5:]
+    # The driver decodes the split up front (prepared); the stream it hands Ray Train replays the
+    # very same rows in the very same orders, and preparing twice decodes once.
+    prepared = stream.prepared()
+    assert len(prepared.decoded_blocks) > 1 and prepared.prepared() is prepared
+    assert keys(prepared()) == full
+    assert keys(prepared.replayed_epochs(1, 5, 1)) == resumed
+    streaming = dataclasses.replace(stream, config=dataclasses.replace(cfg, cache_decoded=False))
+    assert streaming.prepared() is streaming  # nothing decoded ahead without the cache
