@@ -89,8 +89,8 @@ class VideoTowerConfig:
     `motion` adds each frame's difference to the next one as 3 more input channels: a patch then sees
     which way its edge moved, which pooled per-frame embeddings alone barely keep (needs an own tower).
     `appearance_from_image` (SlowFast-style two pathways; needs an own frame tower) also runs the clip's
-    middle frame through the image tower (shared weights) and adds its projection to every frame token:
-    fine shape comes from the image tower's resolution, motion from the light frame tower.
+    middle frame through the image tower (shared weights); its projection joins the frame tokens as one
+    more token: fine shape comes from the image tower's resolution, motion from the light frame tower.
     """
 
     share_image_tower: bool = True

@@ -23,7 +23,7 @@ def expected_tokens(config: ModelConfig, modality: str) -> int:
     if modality == "audio":
         p = config.audio.patch_size
         return (spec.audio.n_mels // p) * (spec.audio.num_frames // p)
-    return spec.video_frames
+    return spec.video_frames + (1 if config.video.appearance_from_image else 0)
 
 
 @pytest.mark.parametrize("name", available_models())
@@ -129,30 +129,31 @@ def with_appearance(config: ModelConfig) -> ModelConfig:
 def test_appearance_pathway_runs_the_image_tower_on_the_middle_frame():
     torch.manual_seed(0)
     config = with_appearance(ModelConfig.from_name("tiny").tiny_twin())
+    config = dataclasses.replace(config, video=dataclasses.replace(config.video, temporal_layers=0))
     encoders = build_encoders(config, load_pretrained=False).eval()
     video = encoders["video"]
     assert video.image_encoder is encoders["image"] and video.frame_encoder is not encoders["image"]
     x = random_input(config, "video")
-    out = video.encode(x)
-    assert out.tokens.shape == (B, config.inputs.video_frames, 32)
-    # The image tower sees the middle frame's RGB and nothing else: its output, projected, is what
-    # the pathway adds to every frame token before the temporal transformer.
     seen = []
     hook = video.image_encoder.register_forward_hook(lambda m, args, output: seen.append(args[0]))
     with torch.no_grad():
-        with_path = video(x)
-        video.appearance.weight.zero_()
-        video.appearance.bias.zero_()
-        zeroed = video(x)
+        out = video.encode(x)
     hook.remove()
-    torch.testing.assert_close(seen[0], x[:, config.inputs.video_frames // 2])
-    assert not torch.allclose(with_path, zeroed, atol=1e-5)
-    # With the pathway silenced, the tower is exactly the plain motion tower.
+    frames = config.inputs.video_frames
+    assert out.tokens.shape == (B, 1 + frames, 32)
+    # The image tower sees the middle frame's RGB and nothing else; its projection is the first token.
+    torch.testing.assert_close(seen[0], x[:, frames // 2])
+    with torch.no_grad():
+        appearance = video.ln(video.appearance(encoders["image"](x[:, frames // 2])))
+    torch.testing.assert_close(out.tokens[:, 0], appearance)
+    # The frame tokens are the plain motion tower's (no temporal transformer mixes them here).
     without = build_encoders(dataclasses.replace(config, video=dataclasses.replace(
         config.video, appearance_from_image=False)), load_pretrained=False)["video"].eval()
     without.load_state_dict({k: v for k, v in video.state_dict().items()
                              if not k.startswith(("image_encoder.", "appearance."))})
-    torch.testing.assert_close(zeroed, without(x))
+    with torch.no_grad():
+        torch.testing.assert_close(out.tokens[:, 1:], without.encode(x).tokens)
+    torch.testing.assert_close(out.pooled, out.tokens.mean(dim=1))
 
 
 def test_appearance_pathway_trains_the_shared_image_tower_from_video():
