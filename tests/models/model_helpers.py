@@ -42,6 +42,13 @@ def unshared(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, video=VideoTowerConfig(share_image_tower=False, frame=frame))
 
 
+def with_appearance(config: ModelConfig) -> ModelConfig:
+    """`config` with a light own frame tower (motion) plus the image tower on the middle frame."""
+    frame = TowerConfig(width=32, layers=1, heads=2, patch_size=16)
+    return dataclasses.replace(config, video=VideoTowerConfig(
+        share_image_tower=False, frame=frame, motion=True, appearance_from_image=True))
+
+
 # --- distributed loss worker (one process per rank, spawned by test_losses) --------------------------
 def loss_worker(rank: int, world_size: int, port: int, payload: str, out_dir: str, anchor: str) -> None:
     """Rank `rank`: take its slice of the global batch, compute both loss kinds, save values and grads."""

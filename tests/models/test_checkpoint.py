@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from model_helpers import batch_for, shared, twin, unshared
+from model_helpers import batch_for, shared, twin, unshared, with_appearance
 from safetensors import safe_open
 
 from models.binding import BindingModel
@@ -20,7 +20,7 @@ from models.checkpoint import (
     load_state_dict,
     save_model,
 )
-from models.config import ModelConfig, TowerConfig
+from models.config import ModelConfig
 
 
 def _trained_a_little(config: ModelConfig) -> BindingModel:
@@ -67,10 +67,7 @@ def test_shared_tower_is_stored_once_and_tied_again_on_load(tmp_path):
 
 
 def test_appearance_pathway_reloads_tied_to_the_image_tower(tmp_path):
-    config = twin()
-    config = dataclasses.replace(config, video=dataclasses.replace(
-        config.video, share_image_tower=False, motion=True, appearance_from_image=True,
-        frame=config.video.frame or TowerConfig(width=32, layers=1, heads=2, patch_size=16)))
+    config = with_appearance(twin())
     model = _trained_a_little(config)
     save_model(model, tmp_path)
     with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:

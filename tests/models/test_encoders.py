@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from model_helpers import random_input, shared
+from model_helpers import random_input, shared, with_appearance
 
 from models.config import ModelConfig, TowerConfig, VideoTowerConfig, available_models
 from models.encoders import EncoderOutput, PatchEncoder, TextEncoder, VideoEncoder, build_encoders
@@ -117,13 +117,6 @@ def test_motion_video_tower_sees_frame_order():
 def test_motion_needs_the_videos_own_tower():
     with pytest.raises(ValueError, match="^motion: needs the video's own frame tower"):
         VideoTowerConfig(share_image_tower=True, motion=True)
-
-
-def with_appearance(config: ModelConfig) -> ModelConfig:
-    """`config` with a light own frame tower (motion) plus the image tower on the middle frame."""
-    frame = TowerConfig(width=32, layers=1, heads=2, patch_size=16)
-    return dataclasses.replace(config, video=VideoTowerConfig(
-        share_image_tower=False, frame=frame, motion=True, appearance_from_image=True))
 
 
 def test_appearance_pathway_runs_the_image_tower_on_the_middle_frame():
