@@ -281,9 +281,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     stream = TrainStream(data=data, config=dataclasses.replace(cfg.data, modalities=task.modalities),
                          spec_dict=parent.config["inputs"], run_dir=storage.join(store, run_name),
                          samples_needed=t.steps * t.batch_size * t.num_workers * cfg.optim.accum_steps,
-                         label_fields=label.fields if label else ()).prepared()
-    try:
-        result = build_trainer(cfg, spec, stream, run_name, store).fit()
+                         label_fields=label.fields if label else ())
+    try:  # decoding the cache (prepared) can fail too: the run is then marked FAILED like any other error
+        result = build_trainer(cfg, spec, stream.prepared(), run_name, store).fit()
     except BaseException:
         from mlflow.tracking import MlflowClient
 

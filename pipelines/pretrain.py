@@ -151,9 +151,9 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
                     prefetch_batches=cfg.data.prefetch_batches)
     stream = dataset if dataset is not None else TrainStream(
         data=data, config=cfg.data, spec_dict=model_dict["inputs"], run_dir=storage.join(store, run_name),
-        samples_needed=cfg.train.steps * cfg.train.batch_size * cfg.train.num_workers * cfg.optim.accum_steps
-    ).prepared()
-    try:
+        samples_needed=cfg.train.steps * cfg.train.batch_size * cfg.train.num_workers * cfg.optim.accum_steps)
+    try:  # decoding the cache (prepared) can fail too: the run is then marked FAILED like any other error
+        stream = stream if dataset is not None else stream.prepared()
         result = build_trainer(cfg, spec, stream, run_name, store).fit()
     except BaseException:
         from mlflow.tracking import MlflowClient
