@@ -7,6 +7,7 @@ all ranks call `ray.train.report` at checkpoint time only, since it is a barrier
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -137,6 +138,9 @@ class MetricLogger:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(spec.tracking_uri)
+            # How the workers ran, beside the run's throughput figures (see pretrain.train_worker_env).
+            self.client.set_tag(spec.run_id, "raybind.torch_threads", str(torch.get_num_threads()))
+            self.client.set_tag(spec.run_id, "raybind.omp_wait_policy", os.environ.get("OMP_WAIT_POLICY", "unset"))
 
     def log(self, state: TrainState, metrics: dict[str, float], timing: Timing, global_batch: int) -> None:
         if not self.enabled:

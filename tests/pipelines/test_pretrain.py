@@ -67,6 +67,8 @@ def test_end_to_end_tracks_registers_and_reloads(shards, micro_model, mlflow_ser
     assert run.info.status == "FINISHED" and summary["steps"] == 8
     assert run.data.params["train.steps"] == "8" and run.data.tags["raybind.git_commit"]
     assert run.data.tags["raybind.num_shards"] == "4" and run.data.tags["raybind.shards_hash"]
+    # The workers ran with OpenMP's passive wait (pretrain.train_worker_env) and their thread count.
+    assert run.data.tags["raybind.omp_wait_policy"] == "PASSIVE" and run.data.tags["raybind.torch_threads"] == "1"
     history = c.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4, 6, 8] and all(np.isfinite(m.value) for m in history)
     for key in ("train/loss/image-text", "train/loss/text-video", "train/lr", "train/logit_scale",
@@ -159,6 +161,15 @@ def test_corrupt_member_is_counted_in_the_run(shards, micro_model, mlflow_server
                                   checkpoint_every=2))
     metrics = client(mlflow_server).get_run(summary["mlflow_run_id"]).data.metrics
     assert metrics.get("data/skipped/corrupt_image", 0) >= 1, metrics
+
+
+def test_train_workers_wait_passively_unless_told(monkeypatch):
+    from pipelines.pretrain import train_worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert train_worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert train_worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_bad_config_fails_before_any_worker(shards, micro_model, tmp_path):

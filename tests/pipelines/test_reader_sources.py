@@ -108,3 +108,21 @@ def test_reader_config_validates_and_loads_from_overrides():
                        (["on_error=ignore"], "on_error"), (["split_by=shard", "split=dev"], "split")]:
         with pytest.raises(ConfigError, match=field):
             load_config(ReaderConfig, None, bad)
+
+
+def test_auto_block_rows_are_a_power_of_two_near_64_mib():
+    import dataclasses
+
+    from models.spec import InputSpec
+    from pipelines.reader import ReaderConfig
+    from pipelines.shard_datasource import AUTO_BLOCK_BYTES, block_rows, bytes_per_sample
+
+    spec = InputSpec()
+    for modalities in [("image", "text", "audio", "video"), ("image", "text"), ("audio",), ("text",)]:
+        cfg = ReaderConfig(modalities=modalities)
+        rows = block_rows(cfg, spec)
+        assert rows & (rows - 1) == 0 and 16 <= rows <= 1024, (modalities, rows)
+        if 16 < rows < 1024:  # not clipped: within a factor sqrt(2) of 64 MiB
+            assert 0.7 < rows * bytes_per_sample(cfg, spec) / AUTO_BLOCK_BYTES < 1.42, (modalities, rows)
+    assert block_rows(ReaderConfig(), spec) == 128  # 545 kB per row of the default spec: 123 fit
+    assert block_rows(dataclasses.replace(ReaderConfig(), samples_per_block=100), spec) == 100
