@@ -30,6 +30,9 @@ class DataConfig:
     seed: int = 0
     shuffle_window: int = 256
     max_failure_fraction: float = 0.05
+    # Rows per block. Larger blocks cost less per sample when streaming (1 worker x 2 threads,
+    # image+text: 261.4 samples/s at 128 vs 217.4 at 32; configs/pretrain/tiny.yaml uses 128); the
+    # decode cache's epochs shuffle whole blocks, so it shuffles finer with small ones.
     samples_per_block: int = 32
     read_cpus: float = 1.0  # CPUs per read/decode task
     # Decode the split once and replay it from Ray's object store every epoch, in a new block order.
