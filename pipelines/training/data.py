@@ -30,8 +30,8 @@ class DataConfig:
     seed: int = 0
     shuffle_window: int = 256
     max_failure_fraction: float = 0.05
-    # Rows per block. Larger blocks cost less per sample when streaming (1 worker x 2 threads,
-    # image+text: 261.4 samples/s at 128 vs 217.4 at 32; configs/pretrain/tiny.yaml uses 128); the
+    # Rows per block. Streaming, 128 beat 32 (1 worker x 2 threads, image+text: 261.4 vs 217.4
+    # samples/s), 256 and 512 did not (236.7 and 192.0); configs/pretrain/tiny.yaml uses 128. The
     # decode cache's epochs shuffle whole blocks, so it shuffles finer with small ones.
     samples_per_block: int = 32
     read_cpus: float = 1.0  # CPUs per read/decode task
