@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -283,11 +284,6 @@ def measure(one: Path, four: Path, rounds: int) -> dict:
             "paired": paired}
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
 
 def summarize(results: dict, args, load_before: tuple) -> dict:
     runs, four_x = results["runs"], results["four_x"]
@@ -308,15 +304,15 @@ def summarize(results: dict, args, load_before: tuple) -> dict:
         "ratios": {"A/B": round(a / b, 3), "A/C": round(a / c, 3), "R/B": round(runs["R"]["samples_per_s"] / b, 3)},
         # Each round's own ratio (the runs of a round are seconds apart), and their median: less
         # exposed to the host's drift than the best-of ratios above.
-        "paired_ratios": {pair: {"per_round": v, "median": round(median(v), 3)}
+        "paired_ratios": {pair: {"per_round": v, "median": round(statistics.median(v), 3)}
                           for pair, v in results["paired"].items()},
         "memory": {"peak_rss_mb_1x": round(one_x_peak), "peak_rss_mb_4x": round(four_x["peak_rss_mb"]),
                    "growth_4x_vs_1x": round(growth, 3),
                    "samples_per_s_4x": round(rate(four_x), 1)},
         "targets": {"A/B >= 1.0 (best of rounds)": a / b >= 1.0,
-                    "A/B >= 1.0 (median of per-round ratios)": median(results["paired"]["A/B"]) >= 1.0,
+                    "A/B >= 1.0 (median of per-round ratios)": statistics.median(results["paired"]["A/B"]) >= 1.0,
                     "A/C >= 0.7 (best of rounds)": a / c >= 0.7,
-                    "A/C >= 0.7 (median of per-round ratios)": median(results["paired"]["A/C"]) >= 0.7,
+                    "A/C >= 0.7 (median of per-round ratios)": statistics.median(results["paired"]["A/C"]) >= 0.7,
                     "4x peak memory within 15% of 1x": growth <= 0.15},
     }
 

