@@ -72,24 +72,30 @@ def prepare_data(samples: int) -> str:
 
 
 def pretrained_model(data: str, steps: int) -> tuple[str, dict]:
-    """models:/bench-tiny@champion, pretrained once per --home (reused on later runs)."""
+    """models:/bench-tiny-<config hash>@champion: pretrained once per --home and pretraining config
+    (a later run reuses it only if the config, the demo's included, is unchanged)."""
+    import dataclasses
+    import hashlib
+
     from pipelines import tracking
     from pipelines.config import load_config
     from pipelines.demo import DemoConfig
     from pipelines.pretrain import run_pretrain
     from pipelines.registry import has_alias
 
-    ref = f"models:/{PRETRAINED}@champion"
-    tracking.configure(tracking.TrackingConfig())
-    if has_alias(PRETRAINED, "champion"):
-        print(f"[bench] reusing {ref}")
-        return ref, {"reused": True}
     # The demo's pretraining (configs/demo.yaml: tiny, decode cache with its 32-sample blocks), so the
     # table starts from the model the README's first command produces.
     cfg = load_config(DemoConfig, REPO / "configs" / "demo.yaml",
                       [f"pretrain.data.train={data}", f"pretrain.train.steps={steps}",
-                       "pretrain.train.run_name=bench-pretrain", f"pretrain.mlflow.registered_model={PRETRAINED}",
-                       "pretrain.eval.max_samples=256"]).pretrain
+                       "pretrain.train.run_name=bench-pretrain", "pretrain.eval.max_samples=256"]).pretrain
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    name = f"{PRETRAINED}-{digest[:10]}"
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=name))
+    ref = f"models:/{name}@champion"
+    tracking.configure(tracking.TrackingConfig())
+    if has_alias(name, "champion"):
+        print(f"[bench] reusing {ref}")
+        return ref, {"reused": True}
     summary = run_pretrain(cfg)
     return ref, {"steps": summary["steps"], "seconds": summary["seconds"], "eval": summary.get("eval", {})}
 
