@@ -58,6 +58,13 @@ def make_shards(root: Path, shards: int, shard_size: int) -> tuple[Path, Path]:
     return one, four
 
 
+def default_root() -> Path:
+    """Where the benchmark shards live unless --data says otherwise: <work folder>/data/bench."""
+    from pipelines import workspace
+
+    return workspace.subdir("data") / "bench"
+
+
 def tar_urls(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.glob("shard-*.tar"))
 
@@ -284,7 +291,6 @@ def measure(one: Path, four: Path, rounds: int) -> dict:
             "paired": paired}
 
 
-
 def summarize(results: dict, args, load_before: tuple) -> dict:
     runs, four_x = results["runs"], results["four_x"]
     a, b, c = (runs[m]["samples_per_s"] for m in "ABC")
@@ -372,14 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     # worker process (~0.7 s of CPU) that becomes surplus a moment later and is killed after 1 s
     # idle (the default soft limit is num_cpus). Recommended for ensure_ray() on small machines.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKERS + 2))
-    from pipelines import workspace
     from pipelines.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=WORKERS)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    root = Path(args.data) if args.data else workspace.subdir("data") / "bench"
+    root = Path(args.data) if args.data else default_root()
     one, four = make_shards(root, args.shards, args.shard_size)
     summary = summarize(measure(one, four, args.rounds), args, load_before)
     write_results(summary, Path(args.out))

@@ -41,7 +41,7 @@ def template() -> dict:
     from models.decode import decode_sample
     from models.spec import MODALITIES, InputSpec
 
-    one, _ = dt.make_shards(dt_root(), 8, 250)
+    one, _ = dt.make_shards(dt.default_root(), 8, 250)
     key, members = None, {}
     with tarfile.open(dt.tar_urls(one)[0]) as tar:
         for info in tar:
@@ -50,12 +50,6 @@ def template() -> dict:
                 break
             key, members[ext] = k, tar.extractfile(info).read()
     return decode_sample(members, MODALITIES, InputSpec(), key=key).sample
-
-
-def dt_root() -> Path:
-    from pipelines import workspace
-
-    return workspace.subdir("data") / "bench"
 
 
 def copy_of(sample: dict) -> dict:
