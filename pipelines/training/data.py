@@ -40,11 +40,12 @@ class DataConfig:
     cache_decoded: bool = False
 
     @property
-    def prefetch_batches(self) -> int:
-        """Batches whose blocks a trainer fetches ahead. None with the cache: its epochs replay the
-        same block refs, a window across an epoch boundary holds one ref twice and Ray's prefetcher
-        (`ray.wait`) logs an error for every batch there; on one node the blocks are local anyway."""
-        return 0 if self.cache_decoded else 4
+    def prefetch_batches(self) -> int | None:
+        """Batches whose blocks a trainer fetches ahead: None = reader.default_prefetch_batches()
+        (0 on one node). Always 0 with the cache: its epochs replay the same block refs, a window
+        across an epoch boundary holds one ref twice and Ray's prefetcher (`ray.wait`) logs an error
+        for every batch there."""
+        return 0 if self.cache_decoded else None
 
     def __post_init__(self):
         require(0 <= self.max_failure_fraction <= 1, "max_failure_fraction", "must be in [0, 1]")

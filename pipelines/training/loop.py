@@ -32,7 +32,7 @@ class LoopSpec:
     tracking_uri: str
     run_id: str
     dataset: str = "train"
-    prefetch_batches: int = 4  # DataConfig.prefetch_batches
+    prefetch_batches: int | None = None  # DataConfig.prefetch_batches
 
 
 @dataclass

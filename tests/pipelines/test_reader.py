@@ -176,3 +176,49 @@ def test_read_tasks_decode_with_one_torch_thread_per_cpu(ray_cluster, read, shap
     threads = {int(t) for b in ds.map_batches(torch_threads).iter_batches(batch_size=None)
                for t in b["threads"]}
     assert threads == {1}
+
+
+def test_first_batch_comes_before_the_first_read_task_ends(ray_cluster, tmp_path):
+    """On one node to_torch_batches does not prefetch: Ray's prefetcher holds each block until the
+    next one in order exists, which (with preserve_order) kept the first batch back until the first
+    read task had finished its whole shard."""
+    import time
+    from pathlib import Path
+
+    import ray
+    from ray.data.block import BlockAccessor, BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    from pipelines.reader import default_prefetch_batches
+
+    go_on = tmp_path / "go-on"
+
+    def slow_shard(first: int):
+        yield BlockAccessor.batch_to_block({"key": np.array([f"{first + i}" for i in range(8)]),
+                                            "x": np.arange(first, first + 8, dtype=np.float32)})
+        deadline = time.time() + 60  # the rest of the shard waits until the consumer has a batch
+        while not Path(go_on).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        yield BlockAccessor.batch_to_block({"key": np.array(["tail"]), "x": np.zeros(1, np.float32)})
+
+    class TwoSlowShards(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(lambda f=f: slow_shard(f), meta) for f in (0, 100)]
+
+    ds = ray.data.read_datasource(TwoSlowShards(), override_num_blocks=2)
+    ds.context.execution_options.preserve_order = True
+    ds.context.target_max_block_size = 16  # every yielded block passes on at once, as the reader's do
+    assert default_prefetch_batches() == 0  # the test cluster has one node
+    start = time.perf_counter()
+    batches_iter = iter(to_torch_batches(ds, batch_size=4))
+    first = next(batches_iter)
+    waited = time.perf_counter() - start
+    go_on.touch()
+    rest = list(batches_iter)
+    assert waited < 30, f"the first batch took {waited:.1f} s: it waited for the read task to end"
+    assert first["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert sum(len(b["key"]) for b in [first, *rest]) == 18

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from pipelines.config import ConfigError
 from pipelines.training.config import OptimConfig
-from pipelines.training.schedule import lr_factor, make_optimizer, make_scheduler
+from pipelines.training.schedule import lr_factor, make_optimizer, make_scheduler, param_groups
 
 
 class Finetuned(nn.Module):
@@ -52,3 +53,24 @@ def test_frozen_parameters_are_left_out():
 def test_backbone_lr_scale_must_be_a_fraction(scale):
     with pytest.raises((ConfigError, ValueError), match="backbone_lr_scale"):
         OptimConfig(backbone_lr_scale=scale)
+
+
+def test_the_optimizer_is_fused_and_steps_like_plain_adamw():
+    torch.manual_seed(0)
+    fused_model, plain_model = Finetuned(), Finetuned()
+    plain_model.load_state_dict(fused_model.state_dict())
+    start = {k: v.clone() for k, v in fused_model.state_dict().items()}
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, backbone_lr_scale=0.5)
+    fused = make_optimizer(fused_model, cfg)
+    plain = torch.optim.AdamW(param_groups(plain_model, cfg.weight_decay, cfg.lr, cfg.backbone_lr_scale),
+                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(16, 4)
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model.head(model.backbone(x)).square().mean().backward()
+            optimizer.step()
+    for (name, a), b in zip(fused_model.state_dict().items(), plain_model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+        assert not torch.equal(a, start[name]), f"{name} did not move"
