@@ -144,24 +144,39 @@ def own_cpu() -> float:
 
 
 def run_child(method: str, urls: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", method, *urls], capture_output=True,
-                         text=True, check=True, cwd=REPO)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """B or C in a fresh process; its own CPU count (rusage, reaped workers included), and the peak
+    RSS of its process tree."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", method, *urls], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    with MemorySampler(proc.pid) as mem:
+        out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"child {method} failed ({proc.returncode}): {err[-2000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": mem.peak / 2**20}
 
 
 # ----------------------------------------------------------------------------- A and R (Ray)
 class MemorySampler:
-    """Peak of the summed RSS of this process and all its descendants (Ray's processes)."""
+    """Peak of the summed RSS of a process (default: this one) and all its descendants (Ray's
+    processes, DataLoader workers). Every path runs under one, so the sampling thread's own CPU
+    (~0.02 cores) weighs on all of them alike."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, pid: int | None = None, interval: float = 0.25):
         import psutil
 
         self.psutil, self.interval, self.peak, self._stop = psutil, interval, 0, threading.Event()
+        self.root = psutil.Process(pid)
+
+    def _tree(self) -> list:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except self.psutil.Error:  # the root process has ended
+            return []
 
     def cpu(self) -> float:
-        """CPU seconds used so far by this process and its descendants (Ray's processes)."""
-        me, total = self.psutil.Process(), 0.0
-        for p in [me, *me.children(recursive=True)]:
+        """CPU seconds used so far by the process and its descendants."""
+        total = 0.0
+        for p in self._tree():
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
@@ -170,9 +185,8 @@ class MemorySampler:
         return total
 
     def total(self) -> int:
-        me = self.psutil.Process()
         total = 0
-        for p in [me, *me.children(recursive=True)]:
+        for p in self._tree():
             try:
                 total += p.memory_info().rss
             except self.psutil.Error:
@@ -288,7 +302,7 @@ def measure(one: Path, four: Path, rounds: int) -> dict:
     paired = {pair: [round(rate(x) / rate(y), 3) for x, y in zip(runs[pair[0]], runs[pair[2]], strict=True)]
               for pair in ("A/B", "A/C")}
     return {"runs": {m: best(v) for m, v in runs.items()}, "four_x": four_x, "one_x_peak_rss_mb": one_x_peak,
-            "paired": paired}
+            "b_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["B"]), "paired": paired}
 
 
 def summarize(results: dict, args, load_before: tuple) -> dict:
@@ -314,6 +328,7 @@ def summarize(results: dict, args, load_before: tuple) -> dict:
                           for pair, v in results["paired"].items()},
         "memory": {"peak_rss_mb_1x": round(one_x_peak), "peak_rss_mb_4x": round(four_x["peak_rss_mb"]),
                    "growth_4x_vs_1x": round(growth, 3),
+                   "peak_rss_mb_B": round(results["b_peak_rss_mb"]),
                    "samples_per_s_4x": round(rate(four_x), 1)},
         "targets": {"A/B >= 1.0 (best of rounds)": a / b >= 1.0,
                     "A/B >= 1.0 (median of per-round ratios)": statistics.median(results["paired"]["A/B"]) >= 1.0,
@@ -354,7 +369,9 @@ def write_results(summary: dict, out: Path) -> None:
               f"Per round (C, B, A in even rounds, A, B, C in odd ones): A/B {p['A/B']['per_round']}, median "
               f"{p['A/B']['median']}; A/C {p['A/C']['per_round']}, median {p['A/C']['median']}.", "",
               f"Peak RSS (driver + Ray processes): 1x {m['peak_rss_mb_1x']} MiB, 4x {m['peak_rss_mb_4x']} MiB "
-              f"({m['growth_4x_vs_1x']:+.1%}; target within 15%); A on 4x: {m['samples_per_s_4x']} samples/s.", "",
+              f"({m['growth_4x_vs_1x']:+.1%}; target within 15%); A on 4x: {m['samples_per_s_4x']} samples/s. "
+              f"B's process tree (main + DataLoader workers) peaked at {m['peak_rss_mb_B']} MiB. Every path runs "
+              "under the same memory sampler (a thread reading /proc every 0.25 s).", "",
               "Targets met: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summary["targets"].items()),
               ""]
     (out / "data_throughput.md").write_text("\n".join(lines))
