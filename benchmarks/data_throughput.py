@@ -12,7 +12,8 @@ Throughput is the best of --rounds runs (the machine may be shared; the load ave
 the ratios are given both from those bests and as the median of each round's own ratios.
 Memory: peak RSS summed over the driver and every Ray process (shared object-store pages are
 counted in each process that maps them), reading 1x and 4x the shards (4x = the same tars
-hard-linked under new names). Results: benchmarks/results/data_throughput.{json,md}.
+hard-linked under new names); B's and C's process trees are sampled the same way, so the sampling
+thread weighs on every path alike. Results: benchmarks/results/data_throughput.{json,md}.
 """
 
 from __future__ import annotations
