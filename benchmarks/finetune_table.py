@@ -75,10 +75,9 @@ def pretrained_model(data: str, steps: int) -> tuple[str, dict]:
     """models:/bench-tiny-<config hash>@champion: pretrained once per --home and pretraining config
     (a later run reuses it only if the config, the demo's included, is unchanged)."""
     import dataclasses
-    import hashlib
 
     from pipelines import tracking
-    from pipelines.config import load_config
+    from pipelines.config import load_config, to_dict
     from pipelines.demo import DemoConfig
     from pipelines.pretrain import run_pretrain
     from pipelines.registry import has_alias
@@ -88,8 +87,7 @@ def pretrained_model(data: str, steps: int) -> tuple[str, dict]:
     cfg = load_config(DemoConfig, REPO / "configs" / "demo.yaml",
                       [f"pretrain.data.train={data}", f"pretrain.train.steps={steps}",
                        "pretrain.train.run_name=bench-pretrain", "pretrain.eval.max_samples=256"]).pretrain
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
-    name = f"{PRETRAINED}-{digest[:10]}"
+    name = f"{PRETRAINED}-{tracking.hash_strings([json.dumps(to_dict(cfg), sort_keys=True, default=str)])[:10]}"
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=name))
     ref = f"models:/{name}@champion"
     tracking.configure(tracking.TrackingConfig())

@@ -183,7 +183,6 @@ def test_first_batch_comes_before_the_first_read_task_ends(ray_cluster, tmp_path
     next one in order exists, which (with preserve_order) kept the first batch back until the first
     read task had finished its whole shard."""
     import time
-    from pathlib import Path
 
     import ray
     from ray.data.block import BlockAccessor, BlockMetadata
@@ -197,7 +196,7 @@ def test_first_batch_comes_before_the_first_read_task_ends(ray_cluster, tmp_path
         yield BlockAccessor.batch_to_block({"key": np.array([f"{first + i}" for i in range(8)]),
                                             "x": np.arange(first, first + 8, dtype=np.float32)})
         deadline = time.time() + 60  # the rest of the shard waits until the consumer has a batch
-        while not Path(go_on).exists() and time.time() < deadline:
+        while not go_on.exists() and time.time() < deadline:
             time.sleep(0.05)
         yield BlockAccessor.batch_to_block({"key": np.array(["tail"]), "x": np.zeros(1, np.float32)})
 
