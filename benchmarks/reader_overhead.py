@@ -56,6 +56,13 @@ def copy_of(sample: dict) -> dict:
     return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in sample.items()}
 
 
+def copy_into(sample: dict, slots: dict[str, np.ndarray]) -> dict:
+    """The reader's "decode" here: the sample's arrays written into its block's row (BlockBuilder)."""
+    for modality, slot in slots.items():
+        slot[...] = sample[modality]
+    return {**sample, **slots}
+
+
 def run_dataloader() -> dict:
     import torch
 
@@ -77,26 +84,26 @@ def run_dataloader() -> dict:
 
 
 def run_reader(sample: dict, rows_per_block: int) -> dict:
-    """The reader's block path (to_block, Ray Data, to_torch_batches) over copies of `sample`."""
+    """The reader's block path (BlockBuilder, Ray Data, to_torch_batches) over copies of `sample`."""
     import ray
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
     from models.spec import InputSpec
     from pipelines.reader import ReaderConfig, configure_context, to_torch_batches
-    from pipelines.shard_datasource import to_block
+    from pipelines.shard_datasource import BlockBuilder
 
     cfg, spec = ReaderConfig(), InputSpec()
 
     def read():
-        rows = []
+        block = BlockBuilder(rows_per_block, cfg, spec)
         for _ in range(ROWS_PER_TASK):
-            rows.append(copy_of(sample))
-            if len(rows) == rows_per_block:
-                yield to_block(rows, cfg, spec)
-                rows = []
-        if rows:
-            yield to_block(rows, cfg, spec)
+            block.add(copy_into(sample, block.slots()))
+            if len(block) == rows_per_block:
+                yield block.build()
+                block = BlockBuilder(rows_per_block, cfg, spec)
+        if len(block):
+            yield block.build()
 
     class Copies(Datasource):
         def estimate_inmemory_data_size(self):

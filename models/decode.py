@@ -29,6 +29,10 @@ Video: mp4/webm/mkv via PyAV; `video_frames` frames sampled uniformly over the c
 Limits (`DecodeLimits`) are checked from headers before the expensive decode: image pixel count
 (from the image header), audio / video duration (container metadata; also enforced while decoding
 when the header does not say), and member size.
+
+`out=`: the array decoders (and `decode_sample`) can write their result into a given array of the
+right shape instead of a new one. The reader passes row i of the block it is filling, so a block of
+decoded samples costs no stacking copy (see pipelines/shard_datasource.BlockBuilder).
 """
 
 from __future__ import annotations
@@ -101,10 +105,11 @@ _PIX_SHIFT = (np.asarray(IMAGE_MEAN, np.float32) / np.asarray(IMAGE_STD, np.floa
 
 
 # ----------------------------------------------------------------------------- image
-def normalize_pixels(rgb: np.ndarray) -> np.ndarray:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) normalised with IMAGE_MEAN / IMAGE_STD."""
+def normalize_pixels(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) normalised with IMAGE_MEAN / IMAGE_STD
+    (written into `out` when given)."""
     chw = np.ascontiguousarray(np.moveaxis(rgb, -1, -3))  # transpose the small uint8 array
-    out = np.multiply(chw, _PIX_SCALE[:, None, None], dtype=np.float32)
+    out = np.multiply(chw, _PIX_SCALE[:, None, None], dtype=np.float32, out=out)
     out -= _PIX_SHIFT[:, None, None]
     return out
 
@@ -145,7 +150,8 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Image bytes (jpg/png/webp/...) -> float32 (3, image_size, image_size)."""
     if not data:
         raise DecodeError("empty", "zero-byte image")
@@ -169,7 +175,7 @@ def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits = DEFAULT_LI
         raise DecodeError("too_many_pixels", str(exc)) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise DecodeError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
-    return normalize_pixels(rgb)
+    return normalize_pixels(rgb, out)
 
 
 # ----------------------------------------------------------------------------- text
@@ -339,8 +345,9 @@ def _hann(n_fft: int):
     return torch.hann_window(n_fft, periodic=True)
 
 
-def log_mel(clip: np.ndarray, audio: AudioSpec) -> np.ndarray:
-    """Mono clip -> float32 (1, n_mels, num_frames) log-mel, normalised per spectrogram."""
+def log_mel(clip: np.ndarray, audio: AudioSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """Mono clip -> float32 (1, n_mels, num_frames) log-mel, normalised per spectrogram (written
+    into `out` when given)."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))
@@ -352,14 +359,18 @@ def log_mel(clip: np.ndarray, audio: AudioSpec) -> np.ndarray:
     if mel.shape[1] < audio.num_frames:
         mel = torch.nn.functional.pad(mel, (0, audio.num_frames - mel.shape[1]), value=math.log(1e-6))
     # std floored at 0.1 (real clips have std of several units): silence stays zeros, not noise.
-    mel = (mel - mel.mean()) / mel.std().clamp(min=0.1)
-    return mel.unsqueeze(0).numpy()
+    mean, std = mel.mean(), mel.std().clamp(min=0.1)
+    if out is None:
+        return ((mel - mean) / std).unsqueeze(0).numpy()
+    torch.sub(mel, mean, out=torch.from_numpy(out)[0]).div_(std)
+    return out
 
 
-def decode_audio(data: bytes, ext: str, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+def decode_audio(data: bytes, ext: str, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Audio bytes -> float32 (1, n_mels, num_frames) log-mel of the centre clip."""
     wave = load_waveform(data, ext, spec.audio, limits)
-    return log_mel(center_clip(wave, spec.audio.clip_samples), spec.audio)
+    return log_mel(center_clip(wave, spec.audio.clip_samples), spec.audio, out)
 
 
 # ----------------------------------------------------------------------------- video
@@ -428,7 +439,8 @@ def _nearest(kept: dict[int, np.ndarray], indices: np.ndarray) -> list[np.ndarra
     return [kept[int(have[np.abs(have - i).argmin()])] for i in indices]
 
 
-def decode_video(data: bytes, ext: str, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+def decode_video(data: bytes, ext: str, spec: InputSpec, limits: DecodeLimits = DEFAULT_LIMITS,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Video bytes (mp4/webm/mkv) -> float32 (video_frames, 3, video_size, video_size)."""
 
     if not data:
@@ -449,7 +461,7 @@ def decode_video(data: bytes, ext: str, spec: InputSpec, limits: DecodeLimits = 
         raise
     except Exception as exc:  # av.error.InvalidDataError, EOFError, ValueError, ...
         raise DecodeError("corrupt_video", f"{type(exc).__name__}: {exc}") from None
-    return normalize_pixels(np.stack(frames))
+    return normalize_pixels(np.stack(frames), out)
 
 
 # ----------------------------------------------------------------------------- samples
@@ -470,18 +482,23 @@ def find_member(members: dict[str, bytes], modality: str) -> tuple[str, bytes] |
     return None
 
 
-def decode_member(modality: str, ext: str, data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarray:
-    """One member -> its model input array (text: token ids of the caption)."""
+def decode_member(modality: str, ext: str, data: bytes, spec: InputSpec, limits: DecodeLimits,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """One member -> its model input array (text: token ids of the caption), in `out` when given."""
     if len(data) > limits.max_member_bytes:
         raise DecodeError("too_large", f"{ext} member of {len(data)} bytes > {limits.max_member_bytes}")
     if modality == "image":
-        return decode_image(data, spec, limits)
+        return decode_image(data, spec, limits, out)
     if modality == "text":
-        return tokenize([decode_text(data)], spec.context_length, spec.tokenizer)[0]
+        ids = tokenize([decode_text(data)], spec.context_length, spec.tokenizer)[0]
+        if out is None:
+            return ids
+        out[...] = ids
+        return out
     if modality == "audio":
-        return decode_audio(data, ext, spec, limits)
+        return decode_audio(data, ext, spec, limits, out)
     if modality == "video":
-        return decode_video(data, ext, spec, limits)
+        return decode_video(data, ext, spec, limits, out)
     raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
 
 
@@ -507,7 +524,8 @@ def label_value(meta: dict, field: str) -> str:
 
 def decode_sample(members: dict[str, bytes], modalities: tuple[str, ...] | list[str], spec: InputSpec,
                   limits: DecodeLimits = DEFAULT_LIMITS, label_fields: tuple[str, ...] = (),
-                  on_error: str = "skip_sample", key: str = "", meta: dict | None = None) -> Decoded:
+                  on_error: str = "skip_sample", key: str = "", meta: dict | None = None,
+                  out: dict[str, np.ndarray] | None = None) -> Decoded:
     """All members of one sample (ext -> bytes) -> one row of the decoded-batch contract.
 
     Policy: a modality without a member is not an error (zeros + `<modality>_mask` False). A member
@@ -515,6 +533,9 @@ def decode_sample(members: dict[str, bytes], modalities: tuple[str, ...] | list[
     the default: a half-broken sample is usually a broken download) or, with on_error=
     "drop_modality", is treated as absent and reported in `dropped`. A corrupt .json always skips.
     `meta` is the already-parsed .json when the caller has it (the reader parses it to filter splits).
+    `out` maps modalities to writable arrays of their shape (a row of the caller's block): each
+    modality is decoded into its array (zeros when absent) and the row holds that array. A skipped
+    sample may leave them half written.
     """
     try:
         meta = parse_json(members.get("json")) if meta is None else meta
@@ -526,16 +547,20 @@ def decode_sample(members: dict[str, bytes], modalities: tuple[str, ...] | list[
     dropped: dict[str, str] = {}
     for modality in modalities:
         found = find_member(members, modality)
+        slot = out.get(modality) if out is not None else None
         array = None
         if found is not None:
             try:
-                array = decode_member(modality, found[0], found[1], spec, limits)
+                array = decode_member(modality, found[0], found[1], spec, limits, slot)
             except DecodeError as exc:
                 if on_error != "drop_modality":
                     return Decoded(None, exc.reason, {})
                 dropped[modality] = exc.reason
-        row[modality] = array if array is not None else zeros_for(modality, spec)
         row[f"{modality}_mask"] = array is not None
+        if array is None and slot is not None:
+            slot.fill(0)
+            array = slot
+        row[modality] = array if array is not None else zeros_for(modality, spec)
     for field in label_fields:
         row[field] = label_value(meta, field)
     return Decoded(row, None, dropped)
@@ -553,15 +578,20 @@ def zeros_for(modality: str, spec: InputSpec) -> np.ndarray:
 
 
 def stack_samples(rows: list[dict[str, Any]], modalities: tuple[str, ...] | list[str], spec: InputSpec,
-                  label_fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Decoded rows -> one batch (dict of numpy arrays) in the decoded-batch contract."""
+                  label_fields: tuple[str, ...] = (), stacked: dict[str, np.ndarray] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Decoded rows -> one batch (dict of numpy arrays) in the decoded-batch contract. `stacked`
+    holds modality columns that already are (len(rows), ...) arrays (rows decoded into them with
+    `out=`): they are used as they are, not stacked again."""
     batch: dict[str, np.ndarray] = {
         "key": np.asarray([r["key"] for r in rows], dtype=object),
         "caption": np.asarray([r["caption"] for r in rows], dtype=object),
     }
     for modality in modalities:
         dtype = np.int64 if modality == "text" else np.float32
-        if rows:
+        if stacked is not None and modality in stacked:
+            batch[modality] = stacked[modality]
+        elif rows:
             batch[modality] = np.stack([r[modality] for r in rows]).astype(dtype, copy=False)
         else:
             batch[modality] = np.zeros((0, *spec.shape(modality)), dtype)

@@ -326,6 +326,18 @@ def test_member_size_limit_and_corrupt_json():
     assert D.decode_sample(members, ("image",), SPEC).skip_reason == "corrupt_json"
 
 
+def test_decode_sample_writes_into_given_arrays_exactly_as_it_decodes():
+    members = sample_members()
+    members["wav"] = b"garbage"  # dropped below: its array must be zeros, not what was there
+    plain = D.decode_sample(members, MODALITIES, SPEC, on_error="drop_modality").sample
+    out = {m: np.full(SPEC.shape(m), 7, np.int64 if m == "text" else np.float32) for m in MODALITIES}
+    row = D.decode_sample(members, MODALITIES, SPEC, on_error="drop_modality", out=out).sample
+    for m in MODALITIES:
+        assert row[m] is out[m] and row[f"{m}_mask"] == plain[f"{m}_mask"]
+        np.testing.assert_array_equal(out[m], plain[m], err_msg=m)
+    assert row["image_mask"] and not row["audio_mask"] and not out["audio"].any()
+
+
 def test_stack_samples_follows_the_batch_contract():
     full = D.decode_sample(sample_members(), MODALITIES, SPEC, label_fields=("shape",)).sample
     empty = D.decode_sample({"txt": b"only text"}, MODALITIES, SPEC, label_fields=("shape",)).sample

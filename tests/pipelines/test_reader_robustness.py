@@ -53,6 +53,36 @@ def test_every_corruption_is_skipped_and_counted(ray_cluster, broken_dir, small_
     assert snap["shard_errors"]["shard-000004.tar"].startswith("unreadable_shard")
 
 
+def test_rows_equal_their_samples_decoded_alone(ray_cluster, tmp_path, samples_40, dataset_tools, small_spec):
+    """Rows are decoded straight into block arrays: a sample that fails half-way (its image and
+    audio already written), a dropped member or an absent one must leave nothing of another sample
+    behind, in the same block or the next."""
+    import numpy as np
+
+    from models.decode import decode_sample
+    from models.spec import MODALITIES
+
+    samples = {k: dict(m) for k, m in samples_40[:24]}
+    samples["000000001"]["jpg"] = samples["000000001"]["jpg"][:200]  # fails before its image is written
+    samples["000000003"]["mp4"] = b"\x00\x00\x00\x18ftypisom" + b"\x13" * 300  # fails last (video)
+    samples["000000012"]["wav"] = b""  # corrupt: skipped, or dropped (zeros)
+    for key in ("000000009", "000000010", "000000017"):
+        del samples[key]["wav"]  # absent: zeros, mask False
+    dataset_tools[1](tmp_path / "ds", list(samples.items()), shard_size=8)
+    for on_error, expected in (("skip_sample", 21), ("drop_modality", 24)):
+        rows, _ = read_all(tmp_path / "ds", small_spec, max_failure_fraction=1.0, samples_per_block=3,
+                           on_error=on_error, shuffle_window=2)
+        seen = 0
+        for batch in rows:
+            for i, key in enumerate(batch["key"]):
+                alone = decode_sample(samples[key], MODALITIES, small_spec, on_error=on_error).sample
+                for m in MODALITIES:
+                    assert batch[f"{m}_mask"][i] == alone[f"{m}_mask"], (key, m, on_error)
+                    np.testing.assert_array_equal(batch[m][i], alone[m], err_msg=f"{key} {m} ({on_error})")
+                seen += 1
+        assert seen == expected, (on_error, seen)
+
+
 def test_too_many_failures_is_a_clear_error(ray_cluster, broken_dir, small_spec):
     with pytest.raises(Exception) as err:
         read_all(broken_dir, small_spec, max_failure_fraction=0.1, min_samples_for_failure_check=1000)
