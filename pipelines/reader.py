@@ -51,9 +51,10 @@ class ReaderConfig:
     seed: int = 0
     shuffle_shards: bool = True
     shuffle_window: int = 256  # samples; 0 or 1 = file order inside a shard
-    # Rows per Arrow block; 0 = about 64 MiB of decoded data (~115 samples with all four modalities
-    # at the default spec). Ray's cost per block (~10-30 ms of CPU across the driver, raylet and the
-    # worker, measured here) made 32-row blocks 20% dearer per sample than 128-row ones.
+    # Rows per Arrow block; 0 = the power of two nearest to 128 MiB of decoded data (256 samples
+    # with all four modalities at the default spec; see shard_datasource.block_rows). Ray's cost per
+    # block (~10-30 ms of CPU across the driver, raylet and the worker, measured here) made 32-row
+    # blocks 20% dearer per sample than 128-row ones.
     samples_per_block: int = 0
     preserve_order: bool = True  # deterministic row order (a slow shard delays the ones behind it)
     label_fields: tuple[str, ...] = ()  # .json fields to keep as string columns
@@ -69,7 +70,7 @@ class ReaderConfig:
         require(bool(self.modalities) and not unknown, "modalities",
                 f"choose from {', '.join(MODALITIES)}; got {list(self.modalities)}")
         require(self.shuffle_window >= 0, "shuffle_window", "must be >= 0")
-        require(self.samples_per_block >= 0, "samples_per_block", "must be >= 0 (0 = about 64 MiB per block)")
+        require(self.samples_per_block >= 0, "samples_per_block", "must be >= 0 (0 = about 128 MiB per block)")
         require(0.0 <= self.max_failure_fraction <= 1.0, "max_failure_fraction", "must be in [0, 1]")
         require(self.num_cpus_per_task > 0, "num_cpus_per_task", "must be > 0")
         require(all(v >= 0 for v in self.shard_split_fractions.values()) and

@@ -110,7 +110,7 @@ def test_reader_config_validates_and_loads_from_overrides():
             load_config(ReaderConfig, None, bad)
 
 
-def test_auto_block_rows_are_a_power_of_two_near_64_mib():
+def test_auto_block_rows_are_a_power_of_two_near_the_target_bytes():
     import dataclasses
 
     from models.spec import InputSpec
@@ -122,7 +122,7 @@ def test_auto_block_rows_are_a_power_of_two_near_64_mib():
         cfg = ReaderConfig(modalities=modalities)
         rows = block_rows(cfg, spec)
         assert rows & (rows - 1) == 0 and 16 <= rows <= 1024, (modalities, rows)
-        if 16 < rows < 1024:  # not clipped: within a factor sqrt(2) of 64 MiB
+        if 16 < rows < 1024:  # not clipped: within a factor sqrt(2) of AUTO_BLOCK_BYTES
             assert 0.7 < rows * bytes_per_sample(cfg, spec) / AUTO_BLOCK_BYTES < 1.42, (modalities, rows)
-    assert block_rows(ReaderConfig(), spec) == 128  # 545 kB per row of the default spec: 123 fit
+    assert block_rows(ReaderConfig(), spec) == 256  # 545 kB per row of the default spec: 246 fit
     assert block_rows(dataclasses.replace(ReaderConfig(), samples_per_block=100), spec) == 100
