@@ -125,7 +125,7 @@ def run_reader(sample: dict, rows_per_block: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--block-rows", default="123,128", help="reader block sizes to compare")
+    parser.add_argument("--block-rows", default="123,128,256", help="reader block sizes to compare")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
