@@ -146,17 +146,23 @@ def test_killed_worker_restores_and_finishes(shards, micro_model, mlflow_server,
 
 
 def test_corrupt_member_is_counted_in_the_run(shards, micro_model, mlflow_server, tmp_path):
+    # Two truncated JPEGs among the train samples of EVERY shard: a 2-step run reads only the first
+    # shard or two of its shuffled order, and samples of other splits are filtered before decoding.
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in shards.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    with tarfile.open(shards / "shard-000000.tar") as src, tarfile.open(bad / "shard-000000.tar", "w") as dst:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()
-            if m.name.endswith(".jpg") and m.name.startswith(("000000001", "000000002")):
-                data = data[: len(data) // 3]  # truncated JPEG
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as src:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+        train = [m.name.split(".")[0] for m, data in members
+                 if m.name.endswith(".json") and json.loads(data)["split"] == "train"]
+        with tarfile.open(bad / shard.name, "w") as dst:
+            for m, data in members:
+                if m.name.endswith(".jpg") and m.name.split(".")[0] in train[:2]:
+                    data = data[: len(data) // 3]
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
     summary = run_pretrain(config(bad, micro_model, mlflow_server, tmp_path, steps=2, run_name="corrupt",
                                   checkpoint_every=2))
     metrics = client(mlflow_server).get_run(summary["mlflow_run_id"]).data.metrics
