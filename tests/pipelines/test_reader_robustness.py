@@ -68,7 +68,8 @@ def test_rows_equal_their_samples_decoded_alone(ray_cluster, tmp_path, samples_4
     samples["000000012"]["wav"] = b""  # corrupt: skipped, or dropped (zeros)
     for key in ("000000009", "000000010", "000000017"):
         del samples[key]["wav"]  # absent: zeros, mask False
-    dataset_tools[1](tmp_path / "ds", list(samples.items()), shard_size=8)
+    _, write_dataset = dataset_tools
+    write_dataset(tmp_path / "ds", list(samples.items()), shard_size=8)
     for on_error, expected in (("skip_sample", 21), ("drop_modality", 24)):
         rows, _ = read_all(tmp_path / "ds", small_spec, max_failure_fraction=1.0, samples_per_block=3,
                            on_error=on_error, shuffle_window=2)
