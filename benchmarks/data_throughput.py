@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/data_throughput.py            # ~6-7 minutes on 2 cores
 
-A  raybind reader (pipelines.reader.read_shards) consumed by the driver through to_torch_batches,
+A  raybind reader (pipelines.data.read.reader.read_shards) consumed by the driver through to_torch_batches,
    as a trainer would (Ray cluster with num_cpus=WORKERS: WORKERS decode tasks at a time)
 B  webdataset.WebDataset + torch DataLoader(num_workers=WORKERS), the usual open_clip path
 C  the decode functions alone: one process per worker, a plain loop over whole tar files
@@ -40,7 +40,7 @@ BATCH = 64
 # ----------------------------------------------------------------------------- shards
 def make_shards(root: Path, shards: int, shard_size: int) -> tuple[Path, Path]:
     """ShapesWorld shards (reused when already there) and a 4x copy made of hard links."""
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.write.synth import SynthConfig, synthesize
 
     one, four = root / f"x1-{shards}x{shard_size}", root / f"x4-{shards}x{shard_size}"
     manifest = one / "manifest.json"
@@ -61,7 +61,7 @@ def make_shards(root: Path, shards: int, shard_size: int) -> tuple[Path, Path]:
 
 def default_root() -> Path:
     """Where the benchmark shards live unless --data says otherwise: <work folder>/data/bench."""
-    from pipelines import workspace
+    from pipelines.core import workspace
 
     return workspace.subdir("data") / "bench"
 
@@ -212,13 +212,13 @@ class MemorySampler:
 
 
 def consume(ds) -> int:
-    from pipelines.reader import to_torch_batches
+    from pipelines.data.read import to_torch_batches
 
     return sum(len(b["key"]) for b in to_torch_batches(ds, batch_size=BATCH))
 
 
 def run_a(folder: Path, config) -> dict:
-    from pipelines.reader import read_shards
+    from pipelines.data.read import read_shards
 
     with MemorySampler() as mem:
         start = time.perf_counter()
@@ -282,7 +282,7 @@ def best(runs: list[dict]) -> dict:
 def measure(one: Path, four: Path, rounds: int) -> dict:
     """Rounds of C, B, A interleaved (the machine may be shared), then A on 4x the shards, then R
     last (its pandas-heavy workers would otherwise inflate the Ray processes' memory for A)."""
-    from pipelines.reader import ReaderConfig
+    from pipelines.data.read import ReaderConfig
 
     config = ReaderConfig()  # defaults, shuffling on, as pretraining reads
     urls = tar_urls(one)
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     # worker process (~0.7 s of CPU) that becomes surplus a moment later and is killed after 1 s
     # idle (the default soft limit is num_cpus). Recommended for ensure_ray() on small machines.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKERS + 2))
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.core.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=WORKERS)
     import ray

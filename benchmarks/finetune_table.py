@@ -61,8 +61,8 @@ ROWS = (
 
 
 def prepare_data(samples: int) -> str:
-    from pipelines import workspace
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.core import workspace
+    from pipelines.data.write.synth import SynthConfig, synthesize
 
     out = workspace.home() / "data" / "shapesworld"
     if not (out / "manifest.json").is_file():
@@ -76,11 +76,11 @@ def pretrained_model(data: str, steps: int) -> tuple[str, dict]:
     (a later run reuses it only if the config, the demo's included, is unchanged)."""
     import dataclasses
 
-    from pipelines import tracking
-    from pipelines.config import load_config, to_dict
-    from pipelines.demo import DemoConfig
-    from pipelines.pretrain import run_pretrain
-    from pipelines.registry import has_alias
+    from pipelines.core import tracking
+    from pipelines.core.config import load_config, to_dict
+    from pipelines.ops.demo import DemoConfig
+    from pipelines.registry.model_registry import has_alias
+    from pipelines.training.pretrain import run_pretrain
 
     # The demo's pretraining (configs/demo.yaml: tiny, decode cache with its 32-sample blocks), so the
     # table starts from the model the README's first command produces.
@@ -99,8 +99,8 @@ def pretrained_model(data: str, steps: int) -> tuple[str, dict]:
 
 
 def finetune_row(row: Row, ref: str, data: str, steps: int, seed: int) -> dict:
-    from pipelines.config import load_config
-    from pipelines.finetune import FinetuneConfig, run_finetune
+    from pipelines.core.config import load_config
+    from pipelines.training.finetune import FinetuneConfig, run_finetune
 
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "classification.yaml",
                       [f"init.from_model={ref}", f"data.train={data}", "data.cache_decoded=true", f"task.label={LABEL}",
@@ -117,7 +117,7 @@ def finetune_row(row: Row, ref: str, data: str, steps: int, seed: int) -> dict:
 def run_rows(rows: list[Row], ref: str, data: str, args) -> list[dict]:
     """One fine-tuning job per row. Finished rows are kept in --home, so an interrupted benchmark
     resumes where it stopped (same steps and seed)."""
-    from pipelines import workspace
+    from pipelines.core import workspace
 
     done_file = workspace.home() / f"finetune_rows-{args.steps}-{args.seed}.json"
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
@@ -177,9 +177,9 @@ def main() -> int:
     os.environ["RAYBIND_HOME"] = args.home
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the benchmark's own store, under --home
 
-    from pipelines.config import load_config
-    from pipelines.finetune import FinetuneConfig
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.core.config import load_config
+    from pipelines.core.ray_runtime import ensure_ray
+    from pipelines.training.finetune import FinetuneConfig
 
     ensure_ray()
     data = prepare_data(args.samples)

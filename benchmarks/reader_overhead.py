@@ -90,8 +90,8 @@ def run_reader(sample: dict, rows_per_block: int) -> dict:
     from ray.data.datasource import Datasource, ReadTask
 
     from models.spec import InputSpec
-    from pipelines.reader import ReaderConfig, configure_context, to_torch_batches
-    from pipelines.shard_datasource import BlockBuilder
+    from pipelines.data.read import ReaderConfig, configure_context, to_torch_batches
+    from pipelines.data.read.datasource import BlockBuilder
 
     cfg, spec = ReaderConfig(), InputSpec()
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_dataloader()))
         return 0
     os.environ.setdefault("RAY_num_workers_soft_limit", str(dt.WORKERS + 2))
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.core.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=dt.WORKERS)
     import ray

@@ -52,9 +52,9 @@ def prepare(work: Path, samples: int) -> dict[str, str]:
     from models.binding import BindingModel
     from models.checkpoint import save_model
     from models.config import ModelConfig
-    from pipelines.index import build_index
-    from pipelines.registry import register_model
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.write.synth import SynthConfig, synthesize
+    from pipelines.eval.index import build_index
+    from pipelines.registry.model_registry import register_model
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -102,7 +102,7 @@ def deploy(config: dict, work: Path) -> str:
 
 
 def sample_media(data: str) -> dict[str, bytes]:
-    from pipelines import shapesworld
+    from pipelines.data.write import shapesworld
 
     sample = shapesworld.render_sample(shapesworld.make_scene(0, 3), shapesworld.MediaSpec(), "000000003")
     return {"image": sample["jpg"], "audio": sample["wav"], "video": sample["mp4"]}
@@ -272,7 +272,7 @@ def wav_channels(channels: int) -> bytes:
 def long_mp4(seconds: int) -> bytes:
     from PIL import Image
 
-    from pipelines.shapesworld import encode_mp4
+    from pipelines.data.write.media import encode_mp4
 
     return encode_mp4([Image.new("RGB", (16, 16), (i % 255, 0, 0)) for i in range(seconds)], 1)
 
@@ -441,7 +441,7 @@ def main() -> int:
             "mixed_requests": 300 if args.quick else 5000, "mixed_seconds": 900, "samples": 64 if args.quick else 256}
     work = Path(tempfile.mkdtemp(prefix="raybind-serve-load-"))
     os.environ["RAYBIND_HOME"] = str(work / "home")
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.core.ray_runtime import ensure_ray
 
     load_before = os.getloadavg()
     ensure_ray(num_cpus=2)

@@ -3,7 +3,7 @@
     flock /tmp/raybind-heavy.lock .venv/bin/python benchmarks/train_throughput.py   # ~15 min on 2 cores
 
 (a) Framework overhead. A fixed set of ShapesWorld image+text samples is decoded ONCE with
-    `pipelines.reader.read_shards` and materialized; `raybind pretrain` (`run_pretrain(cfg, dataset=...)`:
+    `pipelines.data.read.reader.read_shards` and materialized; `raybind pretrain` (`run_pretrain(cfg, dataset=...)`:
     the real Ray Train loop, Ray Data shard iteration, MLflow logging every 10 steps) trains the `tiny`
     model on it, against a plain PyTorch loop (no Ray, no MLflow) stepping the same model (the same
     `ContrastiveTask`, AdamW, schedule, grad clipping) over the same tensors with the same threads:
@@ -76,7 +76,7 @@ def machine() -> dict:
 
 
 def make_shards() -> Path:
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.write.synth import SynthConfig, synthesize
 
     out = WORK / f"shards-{SHARDS}x{SHARD_SIZE}"
     manifest = out / "manifest.json"
@@ -99,8 +99,8 @@ def tracking_uri() -> str:
 
 def pretrain_config(shards: Path, uri: str, run_name: str, extra: tuple[str, ...] = (), **train):
     """configs/pretrain/tiny.yaml (what `raybind pretrain` runs) with image+text only, no eval, no registry."""
-    from pipelines.config import load_config
-    from pipelines.pretrain import PretrainConfig
+    from pipelines.core.config import load_config
+    from pipelines.training.pretrain import PretrainConfig
 
     overrides = [f"data.train={shards}", f"data.modalities=[{','.join(MODALITIES)}]", "eval.enabled=false",
                  f"mlflow.tracking_uri={uri}", "mlflow.experiment=train-throughput", "mlflow.registered_model=",
@@ -114,7 +114,7 @@ def raybind_run(cfg, warmup: int, dataset=None) -> dict:
     """run_pretrain, then steady-state figures from the run's MLflow metrics (steps > warmup)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pretrain import run_pretrain
+    from pipelines.training.pretrain import run_pretrain
 
     load_before, started = load_avg(), time.perf_counter()
     summary = run_pretrain(cfg, dataset=dataset)
@@ -194,8 +194,8 @@ def plain_worker(rank: int, world_size: int, threads: int, path: str, steps: int
 
 def plain_task():
     """The task / optimiser `run_pretrain` builds from configs/pretrain/tiny.yaml (image+text)."""
-    from pipelines.config import load_config
-    from pipelines.pretrain import PretrainConfig, model_config_dict
+    from pipelines.core.config import load_config
+    from pipelines.training.pretrain import PretrainConfig, model_config_dict
     from pipelines.training.tasks import ContrastiveTask
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny.yaml",
@@ -230,7 +230,7 @@ def plain_run(batches: Path, world_size: int, threads: int, steps: int, warmup: 
 def decoded_dataset(shards: Path, samples: int):
     """Decode `samples` train rows once (image+text, tiny's InputSpec) and keep them in the object store."""
     from models.config import ModelConfig
-    from pipelines.reader import ReaderConfig, read_shards
+    from pipelines.data.read import ReaderConfig, read_shards
 
     spec = ModelConfig.from_name("tiny").inputs
     epochs = -(-samples // int(SHARDS * SHARD_SIZE * 0.75))
@@ -242,7 +242,7 @@ def decoded_dataset(shards: Path, samples: int):
 def plain_batches(ds, batch: int, path: Path) -> None:
     import torch
 
-    from pipelines.reader import to_torch_batches
+    from pipelines.data.read import to_torch_batches
 
     keep = [c for m in MODALITIES for c in (m, f"{m}_mask")]
     batches = [{k: b[k] for k in keep} for b in to_torch_batches(ds, batch, drop_last=True, copy=True)]
@@ -514,7 +514,7 @@ def main() -> None:
     started = time.perf_counter()
     result: dict = {"date": datetime.now().isoformat(timespec="seconds"), "load_start": load_avg(),
                     "machine": machine(), "command": " ".join(sys.argv)}
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.core.ray_runtime import ensure_ray
 
     ensure_ray()
     shards = make_shards()

@@ -32,7 +32,7 @@ PAIRS = ("image->text", "text->image", "audio->text", "text->audio")
 
 
 def ensure_data(data: str) -> dict:
-    from pipelines.tuxpaint import TuxpaintConfig, build_tuxpaint
+    from pipelines.data.write.tuxpaint import TuxpaintConfig, build_tuxpaint
 
     manifest = Path(data) / "manifest.json"
     if manifest.is_file():
@@ -45,8 +45,8 @@ def run_arm(name: str, config: str, data: str, steps: int) -> dict:
     """One `raybind pretrain` run; returns its eval retrieval metrics read back from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.config import load_config
-    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from pipelines.core.config import load_config
+    from pipelines.training.pretrain import PretrainConfig, run_pretrain
 
     overrides = [f"data.train={data}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
                  "mlflow.registered_model=", f"train.run_name=bench-tuxpaint-{name}-{time.strftime('%Y%m%d-%H%M%S')}"]
@@ -100,7 +100,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    from pipelines import workspace
+    from pipelines.core import workspace
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(workspace.home() / "data" / "tuxpaint"))

@@ -1,5 +1,5 @@
 """The search index on the serving side: load a folder written by `raybind index build`
-(pipelines/index.py) and answer top-k queries per target modality.
+(pipelines/eval/index.py) and answer top-k queries per target modality.
 
 Format ("raybind-index/1"): `*.parquet` files with columns key, modality, embedding (list of
 float32, L2-normalised), caption, shard, url, labels (JSON object as a string), and `index.json`

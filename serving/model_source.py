@@ -3,7 +3,7 @@
 
 An alias is resolved to a version FIRST and that exact version is downloaded, so a concurrent
 alias move can never mix two versions; the reported version is the one whose weights are in memory.
-Registered models follow pipelines/registry.py: the version's artifact `binding/` holds config.json
+Registered models follow pipelines/registry/model_registry.py: the version's artifact `binding/` holds config.json
 + model.safetensors (no pickles).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from models.checkpoint import load_model
 
-ARTIFACT = "binding"  # the weights folder inside a registered version (pipelines/registry.py)
+ARTIFACT = "binding"  # the weights folder inside a registered version (pipelines/registry/model_registry.py)
 
 
 @dataclass(frozen=True)

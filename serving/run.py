@@ -27,7 +27,7 @@ class ServeDeployError(RuntimeError):
 
 
 def work_home() -> Path:
-    """The work folder (`.raybind/` or $RAYBIND_HOME), as pipelines/workspace.py defines it."""
+    """The work folder (`.raybind/` or $RAYBIND_HOME), as pipelines/core/workspace.py defines it."""
     return Path(os.environ.get("RAYBIND_HOME", ".raybind")).resolve()
 
 

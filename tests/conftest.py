@@ -61,7 +61,7 @@ def ray_cluster(isolated_home):
     """One in-process local Ray cluster (2 CPUs) shared by every test that needs Ray."""
     import ray
 
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.core.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield ray

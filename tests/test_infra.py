@@ -134,14 +134,13 @@ def test_every_manifest_parses_with_known_fields_and_the_project_image():
 def parse_cli(command: str):
     """Parse a `raybind ...` command line with the real CLI parser; check its config file exists (in
     the image = in this repo) and loads with its --set overrides."""
-    from pipelines.cli import build_parser
-    from pipelines.commands import all_pipelines, extra_commands, jobs
-    from pipelines.config import load_config
+    from pipelines.cli.commands import all_pipelines
+    from pipelines.cli.main import build_parser
+    from pipelines.core.config import load_config
 
     argv = shlex.split(command)
     assert argv[0] == "raybind", command
-    parser, subs = build_parser(jobs())
-    extra_commands(subs)
+    parser = build_parser()
     args = parser.parse_args(argv[1:])
     config = Path(args.config.replace(IMAGE_ROOT, str(REPO), 1))
     assert args.config.startswith(IMAGE_ROOT) and config.is_file(), f"{command}: no config {config} in the repo"
@@ -164,7 +163,7 @@ def test_cronjob_forbids_overlap_and_creates_the_nightly_rayjob():
     (_, cron), = [(n, d) for n, d in documents() if d["kind"] == "CronJob"]
     check(cron["spec"], "CronJobSpec", "CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    from pipelines.schedule import check_cron
+    from pipelines.ops.schedule import check_cron
 
     check_cron(cron["spec"]["schedule"])
     job = cron["spec"]["jobTemplate"]["spec"]

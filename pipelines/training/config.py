@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipelines.config import require
+from pipelines.core.config import require
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from pipelines import storage
-from pipelines.config import require
+from models.spec import InputSpec
+from pipelines.core import storage, workspace
+from pipelines.core.config import require
+from pipelines.data.read import ReaderConfig, bytes_per_sample, read_shards, resolve_shards
 from pipelines.training.state import STATE_FILE
 
 CHECKPOINT_PREFIX = "checkpoint_step_"
@@ -61,7 +63,7 @@ class DataPlan:
     shard_urls: list[str]
     manifest: str | None
     samples_per_epoch: int
-    stats: object = field(default=None, repr=False)  # pipelines.reader.ReadStats
+    stats: object = field(default=None, repr=False)  # pipelines.data.read.reader.ReadStats
 
     def skip_counts(self) -> dict[str, float]:
         if self.stats is None:
@@ -72,8 +74,6 @@ class DataPlan:
 
 def resolve_data(cfg: DataConfig) -> DataPlan:
     """Check the shards exist and count them, before any worker starts."""
-    from pipelines import workspace
-    from pipelines.shard_source import resolve_shards
 
     train = cfg.train or str(workspace.home() / "data" / "shapesworld")
     if not any(ch in train for ch in "*?[{"):  # a plain location: say so plainly if it is not there
@@ -121,7 +121,6 @@ class TrainStream:
     decoded_blocks: tuple = field(default=(), repr=False)
 
     def reader_config(self):
-        from pipelines.reader import ReaderConfig
 
         c = self.config
         return ReaderConfig(modalities=c.modalities, split=c.train_split, seed=c.seed,
@@ -130,8 +129,6 @@ class TrainStream:
                             label_fields=self.label_fields)
 
     def __call__(self):
-        from models.spec import InputSpec
-        from pipelines.reader import read_shards
 
         position = latest_position(self.run_dir)
         per_epoch = max(1, self.data.samples_per_epoch)
@@ -160,9 +157,6 @@ class TrainStream:
         """The train split decoded once, as a list of block refs in a fixed order."""
         import ray
 
-        from models.spec import InputSpec
-        from pipelines.reader import read_shards
-        from pipelines.shard_datasource import bytes_per_sample
 
         spec = InputSpec.from_dict(self.spec_dict)
         # Small blocks: an epoch's batches then mix many random groups of 8 scenes.

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import require
+from models.binding import BindingModel
+from models.checkpoint import load_model
+from models.config import ModelConfig
+from models.heads import Classifier, HeadConfig, freeze_unused, load_classifier_weights, save_classifier
+from pipelines.core.config import require
 from pipelines.training.tasks import ContrastiveTask, StepOutput, model_inputs, unwrap
 
 IGNORE = -100  # cross_entropy's ignore_index: a sample whose label is unknown or whose inputs are all absent
@@ -46,9 +50,6 @@ class LabelSpec:
 
 def build_backbone(model_config: dict, init_from: str):
     """The pretrained model from `init_from` (checked against `model_config`), or a fresh one."""
-    from models.binding import BindingModel
-    from models.checkpoint import load_model
-    from models.config import ModelConfig
 
     config = ModelConfig.from_dict(model_config)
     return load_model(init_from, expected=config) if init_from else BindingModel(config)
@@ -70,12 +71,10 @@ class ClassificationTask:
         return tuple(self.head["modalities"])
 
     def head_config(self):
-        from models.heads import HeadConfig
 
         return HeadConfig.from_dict(self.head)
 
     def build(self) -> torch.nn.Module:
-        from models.heads import Classifier, freeze_unused
 
         backbone = build_backbone(self.model_config, self.init_from)
         freeze_unused(backbone, self.modalities)
@@ -101,12 +100,10 @@ class ClassificationTask:
         return StepOutput(loss, {"loss": float(loss.detach()), "accuracy": accuracy})
 
     def export(self, module, directory: Path) -> None:
-        from models.heads import save_classifier
 
         save_classifier(unwrap(module), directory)
 
     def load_weights(self, module, directory: Path) -> None:
-        from models.heads import load_classifier_weights
 
         load_classifier_weights(unwrap(module), directory)
 
@@ -141,7 +138,6 @@ class RetrievalTask(ContrastiveTask):
                 "may lock at most one tower of the pair (locking both leaves nothing to train)")
 
     def build(self) -> torch.nn.Module:
-        from models.heads import freeze_unused
 
         model = super().build()
         freeze_unused(model, [m for m in self.modalities if m not in self.lock], keep_temperature=True)

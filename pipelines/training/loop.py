@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipelines.data.read import to_torch_batches
 from pipelines.training.config import OptimConfig, TrainConfig
 from pipelines.training.schedule import make_optimizer, make_scheduler
 from pipelines.training.state import TrainState, load_train_state, save_train_state
@@ -75,7 +76,6 @@ def batch_stream(spec: LoopSpec, device: torch.device):
     """Endless iterator of torch batches from this worker's dataset shard (stops when data ends)."""
     import ray.train
 
-    from pipelines.reader import to_torch_batches
 
     shard = ray.train.get_dataset_shard(spec.dataset)
     # drop_last: every rank must see equal batch sizes for the gathered contrastive loss.

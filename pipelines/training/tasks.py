@@ -13,7 +13,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from pipelines.config import require
+from models.binding import BindingModel
+from models.checkpoint import load_model, load_state_dict, save_model
+from models.config import ModelConfig
+from models.losses import ContrastiveLoss
+from pipelines.core.config import require
 
 
 @dataclass
@@ -75,9 +79,6 @@ class ContrastiveTask:
     name: str = "contrastive"
 
     def build(self) -> torch.nn.Module:
-        from models.binding import BindingModel
-        from models.checkpoint import load_model
-        from models.config import ModelConfig
 
         config = ModelConfig.from_dict(self.model_config)
         model = load_model(self.init_from, expected=config) if self.init_from else BindingModel(config)
@@ -86,7 +87,6 @@ class ContrastiveTask:
         return model
 
     def loss_fn(self):
-        from models.losses import ContrastiveLoss
 
         return ContrastiveLoss(kind=self.loss.kind, anchor=self.loss.anchor,
                                pair_weights=dict(self.loss.pair_weights) or None)
@@ -100,13 +100,11 @@ class ContrastiveTask:
         return StepOutput(result.total, metrics)
 
     def export(self, module, directory: Path) -> None:
-        from models.checkpoint import save_model
 
         save_model(unwrap(module), directory)
 
     def load_weights(self, module, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        from models.checkpoint import load_state_dict
 
         load_state_dict(unwrap(module), load_file(str(Path(directory) / "model.safetensors")))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.spec import AudioSpec, InputSpec
-from pipelines import shapesworld, shard_writer
+from pipelines.data.write import shapesworld
+from pipelines.data.write import writer as shard_writer
 
 # Small media and a small decode spec keep the reader tests fast on 2 cores.
 MEDIA = shapesworld.MediaSpec(frame_size=32, num_frames=4, audio_seconds=0.5)

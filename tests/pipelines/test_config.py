@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from pipelines.config import ConfigError, load_config, require
+from pipelines.core.config import ConfigError, load_config, require
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def shipped_configs():
-    from pipelines.commands import jobs
+    from pipelines.cli.commands import jobs
 
     by_file = {}
     for group in jobs().values():
@@ -98,8 +98,8 @@ def test_every_shipped_yaml_validates():
 def test_the_demo_trains_as_configs_pretrain_tiny_says():
     """The demo embeds its pretraining settings; they must not drift from the tiny job's file (they
     did once: the demo trained at the code's default lr 1e-3 while the file and the probes used 2e-3)."""
-    from pipelines.demo import DemoConfig
-    from pipelines.pretrain import PretrainConfig
+    from pipelines.ops.demo import DemoConfig
+    from pipelines.training.pretrain import PretrainConfig
 
     demo = load_config(DemoConfig, REPO / "configs" / "demo.yaml").pretrain
     tiny = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny.yaml")

@@ -15,10 +15,10 @@ from PIL import Image
 
 from models import decode
 from models.spec import InputSpec
-from pipelines import shapesworld
-from pipelines.config import ConfigError
-from pipelines.data_build import BuildConfig, build_dataset, hashed_split
-from pipelines.shard_writer import OutputError
+from pipelines.core.config import ConfigError
+from pipelines.data.write import media
+from pipelines.data.write.build import BuildConfig, build_dataset, hashed_split
+from pipelines.data.write.writer import OutputError
 
 pytestmark = pytest.mark.ray
 SPEC = InputSpec(image_size=32, context_length=16, video_frames=2, video_size=32)
@@ -45,7 +45,7 @@ def wav(seconds=0.5, rate=22050) -> bytes:
 
 
 def mp4(frames=12, size=32) -> bytes:
-    return shapesworld.encode_mp4([Image.new("RGB", (size, size), (i * 20, 0, 0)) for i in range(frames)], 12)
+    return media.encode_mp4([Image.new("RGB", (size, size), (i * 20, 0, 0)) for i in range(frames)], 12)
 
 
 def write(folder: Path, files: dict[str, bytes | str]) -> Path:
@@ -227,7 +227,7 @@ def test_bad_inputs_fail_early_and_name_the_problem(tmp_path):
 
 
 def test_shipped_yaml_is_the_defaults():
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
 
     assert load_config(BuildConfig, Path(__file__).resolve().parents[2] / "configs/data_build.yaml") == BuildConfig()
 

@@ -4,8 +4,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipelines import shapesworld
-from pipelines.evaluate import class_prompts, class_scores
+from pipelines.data.write import shapesworld
+from pipelines.eval.evaluate import class_prompts, class_scores
 
 
 def test_prompts_cover_every_combination_of_the_other_attributes_equally():

@@ -17,10 +17,16 @@ from safetensors.torch import load_file
 from models.binding import BindingModel
 from models.checkpoint import ConfigMismatchError, save_model
 from models.config import ModelConfig
-from pipelines.config import ConfigError, load_config
-from pipelines.finetune import PARENT_TAG, PARENT_URI_TAG, PARENT_VERSION_TAG, FinetuneConfig, run_finetune
-from pipelines.registry import ModelNotFoundError
-from pipelines.synth import SynthConfig, synthesize
+from pipelines.core.config import ConfigError, load_config
+from pipelines.data.write.synth import SynthConfig, synthesize
+from pipelines.registry.model_registry import ModelNotFoundError
+from pipelines.training.finetune import (
+    PARENT_TAG,
+    PARENT_URI_TAG,
+    PARENT_VERSION_TAG,
+    FinetuneConfig,
+    run_finetune,
+)
 
 PARENT = "ft-test-pretrained"
 
@@ -53,7 +59,7 @@ def pretrained(tmp_path_factory, micro_config, mlflow_server) -> dict:
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
     mlflow.set_experiment("finetune-tests")
-    from pipelines.registry import register_model
+    from pipelines.registry.model_registry import register_model
 
     with mlflow.start_run(run_name="parent") as run:
         reg = register_model(str(folder), PARENT, run.info.run_id)
@@ -82,7 +88,7 @@ def final_model(summary: dict) -> Path:
 @ray_test
 def test_late_fusion_registers_links_parent_and_reloads(shards, pretrained, mlflow_server, tmp_path):
     from models.heads import load_classifier
-    from pipelines.registry import local_model_dir
+    from pipelines.registry.model_registry import local_model_dir
 
     summary = run_finetune(config(shards, mlflow_server, tmp_path, "task.fusion=late", "train.run_name=late",
                                   "mlflow.registered_model=ft-test-classifier"))

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.inspect import format_report, inspect_dataset
+from pipelines.data.read.inspect import format_report, inspect_dataset
 
 pytestmark = pytest.mark.ray
 

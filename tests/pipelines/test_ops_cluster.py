@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cluster import session_pids
+from pipelines.ops.cluster import session_pids
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ def test_submitted_pretrain_succeeds_with_its_mlflow_run(home, cluster, submitte
     listed = raybind(home, "jobs", "list", "--json")
     job = next(j for j in json.loads(listed.stdout) if j["id"] == submitted_pretrain)
     assert job["status"] == "SUCCEEDED" and job["pipeline"] == "pretrain"
-    assert "pipelines.job_entry pretrain --config configs/pretrain/tiny.yaml" in job["entrypoint"]
+    assert "pipelines.cli.job_entry pretrain --config configs/pretrain/tiny.yaml" in job["entrypoint"]
     runs = raybind(home, "runs", "list", "--json", "--job", "pretrain")
     report = json.loads(runs.stdout)
     assert report["tracking_uri"] == cluster["mlflow_uri"]  # found through the cluster's state file

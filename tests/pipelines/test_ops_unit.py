@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.nightly import decide, newest_snapshot, night_lock, retarget_serve_config
+from pipelines.ops.nightly import decide, newest_snapshot, night_lock, retarget_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def cli(tmp_path, monkeypatch, capsys):
     """`raybind ARGS` in this process (the CLI's own main) with its own work folder: (exit code, out, err)."""
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     monkeypatch.setenv("RAYBIND_HOME", str(tmp_path))
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"):
@@ -42,7 +42,7 @@ def raybind(*args: str, home: Path, timeout: float = 60) -> subprocess.Completed
     env = dict(os.environ, RAYBIND_HOME=str(home))
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -110,8 +110,7 @@ def test_retarget_changes_only_user_configs_and_keeps_the_rest():
 
 # ----------------------------------------------------------------------------- schedule
 def test_schedule_line_runs_the_real_cli_and_reinstall_replaces_it(tmp_path, cli):
-    from pipelines.cli import build_parser
-    from pipelines.commands import extra_commands, jobs
+    from pipelines.cli.main import build_parser
 
     code, out, err = cli("schedule", "install", "--print", "--cron", "30 3 * * *")
     assert code == 0, err
@@ -120,8 +119,7 @@ def test_schedule_line_runs_the_real_cli_and_reinstall_replaces_it(tmp_path, cli
     inner = shlex.split(shlex.split(line.split(" ", 5)[5])[5])  # flock -n LOCK sh -c "<this>"
     raybind_argv = inner[inner.index("&&") + 2:]
     assert Path(raybind_argv[0]).is_file() and Path(raybind_argv[0]).name == "raybind"
-    parser, subs = build_parser(jobs())
-    extra_commands(subs)
+    parser = build_parser()
     args = parser.parse_args(raybind_argv[1:])  # the entry's arguments are valid for the real CLI
     assert args.pipeline == ["nightly"] and args.follow and Path(args.config).is_file()
 
@@ -150,7 +148,7 @@ def test_submit_validates_before_contacting_a_cluster(cli):
 def test_cluster_commands_without_a_cluster(cli):
     code, _, err = cli("cluster", "status")
     assert code == 1 and "no local cluster" in err
-    code, out, _ = cli("cluster", "down")
-    assert code == 0 and "nothing to stop" in out
+    code, out, err = cli("cluster", "down")  # progress goes to stderr, the summary alone to stdout
+    assert code == 0 and "nothing to stop" in err and "nothing to stop" not in out and "cluster down" in out
     code, _, err = cli("cluster", "env")
     assert code == 1 and "raybind cluster up" in err

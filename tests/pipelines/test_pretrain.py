@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from pipelines.config import ConfigError, load_config
-from pipelines.pretrain import PretrainConfig, run_pretrain
-from pipelines.synth import SynthConfig, synthesize
+from pipelines.core.config import ConfigError, load_config
+from pipelines.data.write.synth import SynthConfig, synthesize
+from pipelines.training.pretrain import PretrainConfig, run_pretrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -59,7 +59,7 @@ def test_end_to_end_tracks_registers_and_reloads(shards, micro_model, mlflow_ser
     import mlflow
 
     from models.checkpoint import load_model
-    from pipelines.registry import local_model_dir
+    from pipelines.registry.model_registry import local_model_dir
 
     summary = run_pretrain(config(shards, micro_model, mlflow_server, tmp_path, steps=8, run_name="e2e"))
     c = client(mlflow_server)
@@ -170,7 +170,7 @@ def test_corrupt_member_is_counted_in_the_run(shards, micro_model, mlflow_server
 
 
 def test_train_workers_wait_passively_unless_told(monkeypatch):
-    from pipelines.pretrain import train_worker_env
+    from pipelines.training.pretrain import train_worker_env
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert train_worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.spec import MODALITIES
-from pipelines.reader import ReaderConfig, ReadStats, read_shards, to_torch_batches
+from pipelines.data.read import ReaderConfig, ReadStats, read_shards, to_torch_batches
 
 pytestmark = pytest.mark.ray
 
@@ -151,7 +151,7 @@ def test_read_stats_copies_share_the_ledger(ray_cluster, read, shapes_dir):
 def test_read_stats_keep_the_newest_report_whatever_the_arrival_order(ray_cluster):
     import ray
 
-    from pipelines.read_stats import Reporter
+    from pipelines.data.read.stats import Reporter
 
     stats = ReadStats()
     key, counts = (0, "shard-0.tar"), [{"good": n, "filtered": 0, "skipped": {}, "dropped": {},
@@ -188,7 +188,7 @@ def test_first_batch_comes_before_the_first_read_task_ends(ray_cluster, tmp_path
     from ray.data.block import BlockAccessor, BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    from pipelines.reader import default_prefetch_batches
+    from pipelines.data.read.reader import default_prefetch_batches
 
     go_on = tmp_path / "go-on"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.reader import ReaderConfig, ReaderError, ReadStats, read_shards
+from pipelines.data.read import ReaderConfig, ReaderError, ReadStats, read_shards
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +22,7 @@ def read_all(path, spec, **cfg_kwargs) -> tuple[list[dict], dict]:
 def broken_dir(tmp_path_factory, samples_40, dataset_tools) -> Path:
     """5 shards x 8: five bad members in shard 0, a zero-byte shard 2, a truncated shard 3 and
     a missing shard 4 (listed in the manifest, file deleted)."""
-    from pipelines.shard_writer import tar_bytes
+    from pipelines.data.write.writer import tar_bytes
 
     _, write_dataset = dataset_tools
     path = write_dataset(tmp_path_factory.mktemp("broken") / "ds", samples_40, shard_size=8)

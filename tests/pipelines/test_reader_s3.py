@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import storage
-from pipelines.reader import ReaderConfig, ReadStats, read_shards
+from pipelines.core import storage
+from pipelines.data.read import ReaderConfig, ReadStats, read_shards
 
 pytestmark = pytest.mark.ray
 

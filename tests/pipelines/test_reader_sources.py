@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines import shard_source as S
-from pipelines.shard_datasource import split_name, window_shuffle
+from pipelines.data.read.datasource import split_name, window_shuffle
 
 NAMES = [f"shard-{i:06d}.tar" for i in range(5)]
 
@@ -97,8 +97,8 @@ def test_member_names_follow_webdataset_keys():
 
 
 def test_reader_config_validates_and_loads_from_overrides():
-    from pipelines.config import ConfigError, load_config
-    from pipelines.reader import ReaderConfig
+    from pipelines.core.config import ConfigError, load_config
+    from pipelines.data.read import ReaderConfig
 
     cfg = load_config(ReaderConfig, None, ["modalities=[image,text]", "limits.max_image_pixels=1000",
                                            "split=val", "shard_split_fractions.val=0.5"])
@@ -114,8 +114,8 @@ def test_auto_block_rows_are_a_power_of_two_near_the_target_bytes():
     import dataclasses
 
     from models.spec import InputSpec
-    from pipelines.reader import ReaderConfig
-    from pipelines.shard_datasource import AUTO_BLOCK_BYTES, block_rows, bytes_per_sample
+    from pipelines.data.read import ReaderConfig, bytes_per_sample
+    from pipelines.data.read.config import AUTO_BLOCK_BYTES, block_rows
 
     spec = InputSpec()
     for modalities in [("image", "text", "audio", "video"), ("image", "text"), ("audio",), ("text",)]:

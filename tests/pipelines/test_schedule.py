@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.config import ConfigError
+from pipelines.core.config import ConfigError
 from pipelines.training.config import OptimConfig
 from pipelines.training.schedule import lr_factor, make_optimizer, make_scheduler, param_groups
 

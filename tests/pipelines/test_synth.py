@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import shapesworld, shard_writer
-from pipelines.synth import SynthConfig, build_shard, synthesize
+from pipelines.data.write import shapesworld
+from pipelines.data.write import writer as shard_writer
+from pipelines.data.write.synth import SynthConfig, build_shard, synthesize
 
 
 def members_by_key(tar_path: Path) -> dict[str, dict[str, bytes]]:
@@ -143,7 +144,7 @@ def test_synthesize_writes_index_and_stats(tmp_path, ray_cluster):
 
 @pytest.mark.ray
 def test_synthesize_to_s3(ray_cluster, s3_server):
-    from pipelines.storage import filesystem
+    from pipelines.core.storage import filesystem
 
     summary = synthesize(SynthConfig(out="s3://raybind-test/synth", samples=10, shard_size=4, seed=0))
     fs, path = filesystem("s3://raybind-test/synth")

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines.tuxpaint import STAMPS_SUBDIR, TuxpaintConfig, build_tuxpaint, stamp_rows
+from pipelines.data.write.tuxpaint import STAMPS_SUBDIR, TuxpaintConfig, build_tuxpaint, stamp_rows
 
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20"><rect width="40" height="20" fill="red"/></svg>'
 
@@ -144,8 +144,8 @@ def test_pretrain_with_a_locked_minilm_text_tower_keeps_it_unchanged(ray_cluster
 
     from models.checkpoint import load_model
     from models.pretrained import resolve_source
-    from pipelines.config import load_config
-    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from pipelines.core.config import load_config
+    from pipelines.training.pretrain import PretrainConfig, run_pretrain
 
     data = tmp_path / "tux"
     build_tuxpaint(TuxpaintConfig(out=str(data), deb=str(fake_deb), cache=str(tmp_path / "cache"),

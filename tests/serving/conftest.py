@@ -13,7 +13,7 @@ from serving_helpers import REGISTERED, TOKEN, train_quick_model
 @pytest.fixture(scope="session")
 def media() -> dict[str, bytes]:
     """One small valid file per media modality (a ShapesWorld sample's own jpg / wav / mp4)."""
-    from pipelines import shapesworld
+    from pipelines.data.write import shapesworld
 
     sample = shapesworld.render_sample(shapesworld.make_scene(0, 7), shapesworld.MediaSpec(), "000000007")
     return {"image": sample["jpg"], "audio": sample["wav"], "video": sample["mp4"]}
@@ -47,7 +47,7 @@ def registry(mlflow_server, model_dirs) -> dict:
     """Both models registered under REGISTERED in the real MLflow server: v1 champion, v2 candidate."""
     import mlflow
 
-    from pipelines.registry import register_model
+    from pipelines.registry.model_registry import register_model
 
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)

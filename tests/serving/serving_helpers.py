@@ -51,7 +51,7 @@ def wav(seconds: float, rate: int = 16000) -> bytes:
 def mp4(frames: int, fps: int = 8, size: int = 32) -> bytes:
     from PIL import Image
 
-    from pipelines.shapesworld import encode_mp4
+    from pipelines.data.write.media import encode_mp4
 
     return encode_mp4([Image.new("RGB", (size, size), (10 * (i % 20), 80, 160)) for i in range(frames)], fps)
 
@@ -66,7 +66,7 @@ def train_quick_model(out: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> Pat
     from models.config import ModelConfig
     from models.decode import normalize_pixels, tokenize
     from models.losses import ContrastiveLoss
-    from pipelines import shapesworld
+    from pipelines.data.write import shapesworld
 
     torch.manual_seed(seed)
     config = ModelConfig.from_name("tiny").tiny_twin()
@@ -90,15 +90,15 @@ def train_quick_model(out: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> Pat
 
 def write_local_index(model_dir: Path, out: Path, count: int = 24) -> Path:
     """An index in the `raybind index build` format, written without Ray: the job's own actor
-    (pipelines.index.IndexEmbedder) on locally decoded ShapesWorld samples, for the in-process tests."""
+    (pipelines.eval.index.IndexEmbedder) on locally decoded ShapesWorld samples, for the in-process tests."""
     import json
 
     import pyarrow.parquet as pq
 
     from models.checkpoint import load_model
     from models.decode import decode_sample, stack_samples
-    from pipelines import shapesworld
-    from pipelines.index import FORMAT, META_FILE, IndexEmbedder
+    from pipelines.data.write import shapesworld
+    from pipelines.eval.index import FORMAT, META_FILE, IndexEmbedder
 
     spec = load_model(model_dir).config.inputs
     mods = ("image", "text", "audio", "video")

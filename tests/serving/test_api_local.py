@@ -90,7 +90,7 @@ def test_embed_multipart_keeps_part_order(api, media):
 
 
 def test_zero_shot_every_modality(api, media):
-    from pipelines import shapesworld
+    from pipelines.data.write import shapesworld
 
     colors = list(shapesworld.ATTRIBUTES["color"])
     for modality in ("text", "image", "audio", "video"):

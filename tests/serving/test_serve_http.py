@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def shards(ray_cluster, tmp_path_factory) -> str:
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.data.write.synth import SynthConfig, synthesize
 
     out = tmp_path_factory.mktemp("serving_shards") / "ds"
     synthesize(SynthConfig(out=str(out), samples=96, shard_size=32, seed=0))
@@ -30,7 +30,7 @@ def shards(ray_cluster, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def index(shards, registry, tmp_path_factory) -> tuple[str, dict]:
-    from pipelines.index import build_index
+    from pipelines.eval.index import build_index
 
     out = str(tmp_path_factory.mktemp("serving_index") / "index")
     summary = build_index(registry["champion"], shards, out, batch_size=32, num_cpus_per_actor=0.5,
@@ -107,7 +107,7 @@ def test_index_build_from_shapesworld_shards(index, registry, model_dirs):
 
 # ----------------------------------------------------------------------------- over HTTP
 def caption(color: str, shape: str, size: str) -> str:
-    from pipelines import shapesworld
+    from pipelines.data.write import shapesworld
 
     attrs = {"shape": shape, "color": color, "size": size, "direction": "left",
              "pitch": shapesworld.PITCH_OF_COLOR[color], "rhythm": "steady"}

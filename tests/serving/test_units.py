@@ -197,7 +197,7 @@ def test_media_guard_refuses_headers_that_promise_too_much():
     from PIL import Image
 
     from models.decode import DecodeError, DecodeLimits
-    from pipelines.shapesworld import encode_mp4
+    from pipelines.data.write.media import encode_mp4
     from serving import media_guard
 
     def wav(channels: int, rate: int) -> bytes:
