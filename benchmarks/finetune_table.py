@@ -100,7 +100,8 @@ def pretrained_model(data: str, steps: int) -> tuple[str, dict]:
 
 def finetune_row(row: Row, ref: str, data: str, steps: int, seed: int) -> dict:
     from pipelines.core.config import load_config
-    from pipelines.training.finetune import FinetuneConfig, run_finetune
+    from pipelines.training.finetune import run_finetune
+    from pipelines.training.finetune_config import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "classification.yaml",
                       [f"init.from_model={ref}", f"data.train={data}", "data.cache_decoded=true", f"task.label={LABEL}",
@@ -179,7 +180,7 @@ def main() -> int:
 
     from pipelines.core.config import load_config
     from pipelines.core.ray_runtime import ensure_ray
-    from pipelines.training.finetune import FinetuneConfig
+    from pipelines.training.finetune_config import FinetuneConfig
 
     ensure_ray()
     data = prepare_data(args.samples)

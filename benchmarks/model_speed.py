@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from models.binding import BindingModel  # noqa: E402
 from models.config import ModelConfig, available_models  # noqa: E402
 from models.losses import ContrastiveLoss  # noqa: E402
+from models.spec import MODALITIES  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # (batch, warm-up steps, timed steps) per size: keeps the whole run to a few minutes on 2 cores.
@@ -123,8 +124,8 @@ def to_markdown(report: dict) -> str:
     ]
     for r in report["sizes"]:
         t = r["params_per_tower"]
-        towers = " / ".join(_millions(t.get(k, 0)) for k in ("image", "text", "audio", "video"))
-        inputs = "; ".join(r["inputs"][k] for k in ("image", "text", "audio", "video"))
+        towers = " / ".join(_millions(t.get(k, 0)) for k in MODALITIES)
+        inputs = "; ".join(r["inputs"][k] for k in MODALITIES)
         lines.append(f"| {r['name']} | {_millions(r['params_total'])} | {towers} | {r['embed_dim']} | {inputs} "
                      f"| {r['fwd_bwd_ms_per_sample']:,.1f} ms ({r['batch']}) |")
     lines += ["", "video(own): parameters only the video tower has: its own frame ViT where the config says "

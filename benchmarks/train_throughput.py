@@ -11,7 +11,7 @@
       2x1: 2 Ray Train workers (DDP, gloo) x 1 thread  vs  2 plain torch DDP processes x 1 thread
            (global batch 64 = 2 x 32), and vs the 1x2 plain loop.
     The plain 1x2 loop runs before and after the Ray runs; its mean is the baseline.
-(b) Against open_clip. `raybind pretrain` (configs/pretrain/tiny.yaml with data.modalities=[image,text]
+(b) Against open_clip. `raybind pretrain` (configs/pretrain/tiny.yaml with data.reader.modalities=[image,text]
     and the same towers as open_clip's config) vs `open_clip_train.main` (benchmarks/openclip_launcher.py,
     webdataset loader, torch's default threads) on the same shards, both fp32, global batch 128.
     raybind streams through Ray Data in two layouts: open_clip's (1 Ray Train worker x 2 torch threads)
@@ -102,7 +102,7 @@ def pretrain_config(shards: Path, uri: str, run_name: str, extra: tuple[str, ...
     from pipelines.core.config import load_config
     from pipelines.training.pretrain import PretrainConfig
 
-    overrides = [f"data.train={shards}", f"data.modalities=[{','.join(MODALITIES)}]", "eval.enabled=false",
+    overrides = [f"data.train={shards}", f"data.reader.modalities=[{','.join(MODALITIES)}]", "eval.enabled=false",
                  f"mlflow.tracking_uri={uri}", "mlflow.experiment=train-throughput", "mlflow.registered_model=",
                  f"train.run_name={run_name}", f"train.storage={WORK / 'runs'}", f"train.log_every={LOG_EVERY}",
                  "train.log_checkpoints_to_mlflow=false", "train.max_failures=0"]
@@ -199,8 +199,8 @@ def plain_task():
     from pipelines.training.tasks import ContrastiveTask
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny.yaml",
-                      [f"data.modalities=[{','.join(MODALITIES)}]"])
-    task = ContrastiveTask(model_config=model_config_dict(cfg), loss=cfg.loss, modalities=cfg.data.modalities)
+                      [f"data.reader.modalities=[{','.join(MODALITIES)}]"])
+    task = ContrastiveTask(model_config=model_config_dict(cfg), loss=cfg.loss, modalities=cfg.data.reader.modalities)
     return task, cfg.optim, cfg.train
 
 
@@ -353,7 +353,7 @@ def part_b(shards: Path, uri: str, steps: int, warmup: int, batch: int, rounds: 
         result = raybind_run(cfg, warmup)
         result["layout"] = {"num_workers": cfg.train.num_workers, "cpus_per_worker": cfg.train.cpus_per_worker,
                             "torch_threads": cfg.train.torch_threads or math.ceil(cfg.train.cpus_per_worker),
-                            "batch_per_worker": cfg.train.batch_size, "read_cpus": cfg.data.read_cpus}
+                            "batch_per_worker": cfg.train.batch_size, "read_cpus": cfg.data.reader.num_cpus_per_task}
         print(f"[bench] (b) raybind {name}: {result['samples_per_s']:.1f} samples/s", flush=True)
         return result
 

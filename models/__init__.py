@@ -3,7 +3,6 @@ so `import models.decode` in a data worker does not pay for the model code."""
 
 import importlib as _importlib
 
-# --- binding model library (issue 4) ---
 _LAZY_EXPORTS = {
     "ModelConfig": "models.config", "TowerConfig": "models.config", "VideoTowerConfig": "models.config",
     "available_models": "models.config",

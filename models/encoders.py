@@ -64,11 +64,6 @@ class PatchEncoder(Encoder):
             self.vit.conv1 = nn.Conv2d(in_channels, tower.width, kernel_size=tower.patch_size,
                                        stride=tower.patch_size, bias=False)
 
-    @property
-    def num_tokens(self) -> int:
-        grid_h, grid_w = self.vit.grid_size
-        return grid_h * grid_w
-
     def encode(self, x: Tensor) -> EncoderOutput:
         pooled, tokens = self.vit(x)
         return EncoderOutput(tokens=tokens, pooled=pooled)

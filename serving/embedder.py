@@ -23,6 +23,7 @@ import torch
 from ray import serve
 
 from models.decode import DecodeError, DecodeLimits, decode_member, tokenize
+from models.spec import MODALITIES
 from serving import media_guard
 from serving.inputs import Item
 from serving.model_source import ModelRef, describe, fetch_and_load, resolve
@@ -95,7 +96,7 @@ class EmbedderCore:
         self._restart_refresh(cfg)
 
     def _configure_queues(self, cfg: EmbedderConfig) -> None:
-        for modality in ("image", "text", "audio", "video"):
+        for modality in MODALITIES:
             batch = cfg.batch(modality)
             queue = self._queues.get(modality)
             if queue is None:
@@ -213,7 +214,7 @@ class EmbedderCore:
         return {"ready": self._state is not None, "model": self._state.info if self._state else None,
                 "last_error": self._last_error, "model_uri": cfg.model_uri if cfg else "",
                 "refresh_s": cfg.refresh_s if cfg else 0.0,
-                "batching": {m: cfg.batch(m).model_dump() for m in ("image", "text", "audio", "video")} if cfg else {}}
+                "batching": {m: cfg.batch(m).model_dump() for m in MODALITIES} if cfg else {}}
 
     def check_health(self) -> None:
         self._require()

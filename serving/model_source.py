@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.checkpoint import load_model
-
-ARTIFACT = "binding"  # the weights folder inside a registered version (pipelines/registry/model_registry.py)
+from models.reference import REGISTERED_ARTIFACT, ModelReferenceError, is_registry_ref, parse_registry_ref
 
 
 @dataclass(frozen=True)
@@ -36,20 +35,6 @@ class ModelSourceError(RuntimeError):
     """The reference names no model / version / alias, or the registry cannot be reached."""
 
 
-def parse_models_uri(uri: str) -> tuple[str, str, str]:
-    """models:/NAME@ALIAS -> (NAME, "", ALIAS); models:/NAME/VERSION -> (NAME, VERSION, "")."""
-    ref = uri[len("models:/"):]
-    if "@" in ref:
-        name, _, alias = ref.partition("@")
-        if name and alias and "/" not in alias:
-            return name, "", alias
-    else:
-        name, _, version = ref.partition("/")
-        if name and version.isdigit():
-            return name, version, ""
-    raise ModelSourceError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-
-
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -58,14 +43,18 @@ def client(tracking_uri: str):
 
 def resolve(uri: str, tracking_uri: str = "") -> ModelRef:
     """Turn any accepted reference into a concrete ModelRef (one registry call for an alias)."""
-    if not uri.startswith("models:/"):
+    if not is_registry_ref(uri):
         folder = Path(uri).expanduser()
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise ModelSourceError(f"{uri}: not a models:/ URI and no config.json + model.safetensors there")
         return ModelRef(uri, folder.name, "", "", local_dir=str(folder))
     from mlflow.exceptions import MlflowException
 
-    name, version, alias = parse_models_uri(uri)
+    try:
+        ref = parse_registry_ref(uri)
+    except ModelReferenceError as exc:
+        raise ModelSourceError(str(exc)) from None
+    name, version, alias = ref.name, ref.version, ref.alias
     try:
         mv = client(tracking_uri).get_model_version_by_alias(name, alias) if alias else \
             client(tracking_uri).get_model_version(name, version)
@@ -93,7 +82,7 @@ def fetch_and_load(ref: ModelRef, tracking_uri: str = ""):
             raise ModelSourceError(f"{ref.uri} (version {ref.version}): storage location {location} is "
                                    "not an artifact store URI")
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{location.rstrip('/')}/artifacts/{ARTIFACT}", dst_path=tmp, tracking_uri=tracking_uri or None)
+            artifact_uri=f"{location.rstrip('/')}/artifacts/{REGISTERED_ARTIFACT}", dst_path=tmp, tracking_uri=tracking_uri or None)
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise ModelSourceError(f"{ref.uri} (version {ref.version}): no artifacts/binding/config.json; "

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from models.spec import MODALITIES
 from serving import schemas
 
 DESCRIPTION = """One embedding space for image, text, audio and video, served from the MLflow registry.
@@ -31,7 +32,7 @@ ZERO_SHOT_FORM = {"type": "object", "description": "exactly one of text / image 
                   "properties": {**_ONE, "labels": _TEXTS, "template": {"type": "string"},
                                  "top_k": {"type": "integer"}}, "required": ["labels"]}
 SEARCH_FORM = {"type": "object", "description": "exactly one of text / image / audio / video",
-               "properties": {**_ONE, "target": {"type": "string", "enum": ["image", "text", "audio", "video"]},
+               "properties": {**_ONE, "target": {"type": "string", "enum": list(MODALITIES)},
                               "k": {"type": "integer"}}, "required": ["target"]}
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from models.decode import DecodeLimits
 from models.spec import MODALITIES
 
-Modality = Literal["image", "text", "audio", "video"]
+Modality = Literal[MODALITIES]  # type: ignore[valid-type]  # the tuple from models/spec.py
 
 
 class Strict(BaseModel):

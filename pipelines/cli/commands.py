@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pipelines.cli.config_jobs import Job, results_stream
 from pipelines.core import strict_json
 from pipelines.data.read.inspect import format_report, inspect_dataset
-from pipelines.data.write.build import BuildConfig, build_dataset
+from pipelines.data.write.build import build_dataset
+from pipelines.data.write.build_config import BuildConfig
 from pipelines.data.write.synth import SynthConfig, synthesize
 from pipelines.data.write.tuxpaint import TuxpaintConfig, build_tuxpaint
 from pipelines.eval.evaluate import EvaluateConfig, run_evaluate
@@ -19,8 +20,10 @@ from pipelines.eval.index import IndexConfig, run_index_build
 from pipelines.ops import cluster, runs, schedule
 from pipelines.ops import jobs as ops_jobs
 from pipelines.ops.demo import DemoConfig, render_demo, run_demo
-from pipelines.ops.nightly import NightlyConfig, run_nightly
-from pipelines.training.finetune import FinetuneConfig, run_finetune
+from pipelines.ops.nightly import run_nightly
+from pipelines.ops.nightly_config import NightlyConfig
+from pipelines.training.finetune import run_finetune
+from pipelines.training.finetune_config import FinetuneConfig
 from pipelines.training.pretrain import PretrainConfig, run_pretrain
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pipelines.core import workspace
 
@@ -98,3 +100,23 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str, env: dict[str, str] | None = None,
+              num_cpus: float = 1, max_retries: int = 2) -> list[Any]:
+    """Run `fn(*args)` for each `args` in `calls` as Ray tasks; results in completion order, with a
+    progress bar on stderr. `env` goes to the tasks' workers (e.g. an S3 endpoint set after they started)."""
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
+    if env:
+        task = task.options(runtime_env={"env_vars": env})
+    pending = [task.remote(*args) for args in calls]
+    results: list[Any] = []
+    with tqdm(total=len(pending), desc=desc, unit="shard") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray.get(done))
+            bar.update(len(done))
+    return results

@@ -1,20 +1,25 @@
 """`raybind evaluate`: cross-modal retrieval and zero-shot classification of a binding model.
 
-Retrieval, for every ordered modality pair (a -> b) over held-out samples that have both:
-R@1/5/10 and median rank. On data with attributes (ShapesWorld), a retrieved item counts as a
-match when it agrees with the query on every attribute that both modalities can show (text -> video:
-shape, color, size, direction; image -> audio: color), so duplicates are not punished and a pair is
-not asked for what it cannot see. Without attributes, only the sample itself matches.
+What counts as a correct answer and what to classify is what the data set declares in its
+manifest (`"evaluation"`, read by pipelines/eval/declared.py); this module knows no data set.
 
-Zero-shot: for each attribute and each non-text modality that shows it, class embeddings are the
-mean text embedding of ShapesWorld-style captions with that value (prompt ensembling, as CLIP does);
-accuracy = argmax over classes.
+Retrieval, for every ordered modality pair (a -> b) over held-out samples that have both:
+R@1/5/10 and median rank. A retrieved item counts as a match when it agrees with the query on every
+declared attribute that both modalities can show (ShapesWorld: text -> video compares shape, color,
+size, direction; image -> audio only color), so duplicates are not punished and a pair is not asked
+for what it cannot see. With nothing declared, only the sample itself matches.
+
+Zero-shot: for each declared attribute and each non-text modality that shows it, every value (class)
+has a set of text prompts; an item's score for a class is its best cosine similarity over that
+class's prompts, and its prediction is the class with the highest score (see `class_scores` for why
+the best prompt and not the mean of the prompts). With nothing declared, there is no zero-shot.
+The report records whether anything was declared (`evaluation.declared`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +32,10 @@ from models.decode import tokenize
 from pipelines.core import tracking, workspace
 from pipelines.core.ray_runtime import ensure_ray
 from pipelines.data.read import ReaderConfig, read_shards
-from pipelines.data.write import shapesworld
+from pipelines.eval.declared import NOT_DECLARED, EvalDeclaration, ZeroShotAttribute, load_declaration
 from pipelines.registry.model_registry import local_model_dir
+
+log = logging.getLogger(__name__)
 
 PAIR_ORDER = ("image", "text", "audio", "video")
 
@@ -46,12 +53,15 @@ class EvaluateConfig:
 
 
 # ----------------------------------------------------------------------------- data and embeddings
-def load_eval_batch(urls: str, split: str, modalities, spec, max_samples: int) -> dict:
-    """Up to `max_samples` decoded held-out samples as one batch of numpy arrays."""
+def load_eval_batch(urls: str, split: str, modalities, spec, max_samples: int,
+                    label_fields: tuple[str, ...] | None = None) -> dict:
+    """Up to `max_samples` decoded held-out samples as one batch of numpy arrays, with the .json
+    fields `label_fields` as string columns (None: the fields the data set's declaration needs)."""
 
-    attrs = tuple(shapesworld.ATTRIBUTES)
+    if label_fields is None:
+        label_fields = load_declaration(urls).label_fields
     cfg = ReaderConfig(modalities=tuple(modalities), split=split, shuffle_shards=False, shuffle_window=0,
-                       label_fields=attrs)
+                       label_fields=tuple(label_fields))
     ds = read_shards(urls, config=cfg, spec=spec).limit(max_samples)
     parts = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
     if not parts:
@@ -72,10 +82,11 @@ def embed_all(model, batch: dict, modalities, batch_size: int) -> dict[str, np.n
 
 
 # ----------------------------------------------------------------------------- retrieval
-def match_matrix(batch: dict, a: str, b: str) -> np.ndarray:
-    """[i, j] True when item j of modality b is a correct answer for query i of modality a."""
-    shared = [k for k, shown in shapesworld.SHOWN_BY.items() if a in shown and b in shown and k in batch
-              and any(v for v in batch[k])]
+def match_matrix(batch: dict, a: str, b: str, declared: EvalDeclaration = NOT_DECLARED) -> np.ndarray:
+    """[i, j] True when item j of modality b is a correct answer for query i of modality a: it
+    agrees with i on every attribute `declared` as shown by both a and b (and read into `batch`);
+    with no such attribute, only i itself. Columns the declaration does not name are never used."""
+    shared = [k for k in declared.match_attributes(a, b) if k in batch and any(v for v in batch[k])]
     n = len(batch["key"])
     if not shared:
         return np.eye(n, dtype=bool)
@@ -96,7 +107,8 @@ def retrieval_metrics(query: np.ndarray, target: np.ndarray, match: np.ndarray) 
     return metrics
 
 
-def all_retrieval(emb: dict[str, np.ndarray], batch: dict) -> dict[str, dict[str, float]]:
+def all_retrieval(emb: dict[str, np.ndarray], batch: dict,
+                  declared: EvalDeclaration = NOT_DECLARED) -> dict[str, dict[str, float]]:
     results = {}
     mods = [m for m in PAIR_ORDER if m in emb]
     for a in mods:
@@ -107,46 +119,18 @@ def all_retrieval(emb: dict[str, np.ndarray], batch: dict) -> dict[str, dict[str
             if both.sum() < 2:
                 continue
             sub = {k: (v[both] if isinstance(v, np.ndarray) and len(v) == len(both) else v) for k, v in batch.items()}
-            results[f"{a}->{b}"] = retrieval_metrics(emb[a][both], emb[b][both], match_matrix(sub, a, b))
+            results[f"{a}->{b}"] = retrieval_metrics(emb[a][both], emb[b][both], match_matrix(sub, a, b, declared))
     return results
 
 
 # ----------------------------------------------------------------------------- zero-shot
-def class_prompts(attribute: str, value: str, seed: int = 1234) -> list[str]:
-    """ShapesWorld-style captions with `attribute` fixed to `value`, one per combination of the other
-    attributes (pitch follows colour).
-
-    Why every combination rather than a random sample: the class embedding is the mean of its
-    prompts, and the easy attributes (colour, size) dominate each caption's embedding. With a random
-    sample, "circle"'s prompts may hold more red scenes than "square"'s, and that imbalance outweighs
-    the shape signal. A balanced, full-factorial ensemble cancels every other attribute exactly.
-    """
-    rng = np.random.default_rng([seed, hash_text(attribute + value)])
-    fixed = {attribute: value}
-    if attribute == "color":
-        fixed["pitch"] = shapesworld.PITCH_OF_COLOR[value]
-    elif attribute == "pitch":
-        fixed["color"] = {p: c for c, p in shapesworld.PITCH_OF_COLOR.items()}[value]
-    free = [k for k in shapesworld.ATTRIBUTES if k not in fixed and k != "pitch"]
-    prompts = []
-    for combo in itertools.product(*(shapesworld.ATTRIBUTES[k] for k in free)):
-        attrs = {**dict(zip(free, combo, strict=True)), **fixed}
-        attrs.setdefault("pitch", shapesworld.PITCH_OF_COLOR[attrs["color"]])
-        prompts.append(shapesworld.caption_for(attrs, True, rng))
-    return prompts
-
-
-def hash_text(text: str) -> int:
-    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
-
-
 @torch.no_grad()
-def class_embeddings(model, attribute: str, spec) -> list[np.ndarray]:
-    """Per value of `attribute`: the unit embeddings of its prompts, (num_prompts, dim)."""
+def class_embeddings(model, attribute: ZeroShotAttribute, spec) -> list[np.ndarray]:
+    """Per declared value of `attribute`: the unit embeddings of its prompts, (num_prompts, dim)."""
 
     rows = []
-    for value in shapesworld.ATTRIBUTES[attribute]:
-        tokens = torch.as_tensor(tokenize(class_prompts(attribute, value), spec.context_length, spec.tokenizer))
+    for prompts in attribute.prompts:
+        tokens = torch.as_tensor(tokenize(list(prompts), spec.context_length, spec.tokenizer))
         e = model.encode("text", tokens).float()
         rows.append((e / e.norm(dim=-1, keepdim=True)).numpy())
     return rows
@@ -163,27 +147,32 @@ def class_scores(emb: np.ndarray, classes: list[np.ndarray]) -> np.ndarray:
     return np.stack([(emb @ c.T).max(axis=1) for c in classes], axis=1)
 
 
-def zero_shot(model, emb: dict[str, np.ndarray], batch: dict, spec) -> dict[str, dict[str, float]]:
+def zero_shot(model, emb: dict[str, np.ndarray], batch: dict, spec,
+              declared: EvalDeclaration = NOT_DECLARED) -> dict[str, dict[str, float]]:
+    """{attribute: {modality: accuracy}} for each declared zero-shot attribute read into `batch`, in
+    each modality that shows it except text (the prompts' own modality). Items whose value is not
+    among the declared values are left out."""
     results: dict[str, dict[str, float]] = {}
-    for attribute, shown in shapesworld.SHOWN_BY.items():
-        if attribute not in batch or not any(batch[attribute]):
+    for task in declared.zero_shot:
+        if task.name not in batch or not any(batch[task.name]):
             continue
-        classes = class_embeddings(model, attribute, spec)
-        values = list(shapesworld.ATTRIBUTES[attribute])
-        truth = np.asarray([values.index(v) if v in values else -1 for v in batch[attribute]])
-        for m in emb:
-            if m == "text" or m not in shown:
-                continue
+        shown = [m for m in emb if m != "text" and m in task.shown_by]
+        if not shown:
+            continue
+        classes = class_embeddings(model, task, spec)
+        values = list(task.values)
+        truth = np.asarray([values.index(v) if v in values else -1 for v in batch[task.name]])
+        for m in shown:
             keep = batch[f"{m}_mask"] & (truth >= 0)
             if keep.sum() == 0:
                 continue
             pred = class_scores(emb[m][keep], classes).argmax(1)
-            results.setdefault(attribute, {})[m] = float((pred == truth[keep]).mean())
+            results.setdefault(task.name, {})[m] = float((pred == truth[keep]).mean())
     return results
 
 
 # ----------------------------------------------------------------------------- plots and report
-def plot_all(emb: dict, batch: dict, retrieval: dict, out: Path) -> list[Path]:
+def plot_all(emb: dict, batch: dict, retrieval: dict, out: Path, colour_by: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,12 +200,15 @@ def plot_all(emb: dict, batch: dict, retrieval: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=80, bbox_inches="tight")
     plt.close(fig)
 
-    paths.append(plot_projection(emb, batch, out, plt))
+    paths.append(plot_projection(emb, batch, out, plt, colour_by))
     return paths
 
 
-def plot_projection(emb: dict, batch: dict, out: Path, plt) -> Path:
-    """PCA of all modalities' embeddings together, coloured by the `color` attribute."""
+def plot_projection(emb: dict, batch: dict, out: Path, plt, colour_by: str = "") -> Path:
+    """PCA of all modalities' embeddings together; marker = modality, colour = the value of the
+    attribute `colour_by` (values that name a colour are drawn in it), grey without one."""
+    from matplotlib import colors as mcolors
+
     mods = list(emb)
     stacked = np.concatenate([emb[m][batch[f"{m}_mask"]] for m in mods])
     centred = stacked - stacked.mean(0)
@@ -225,15 +217,20 @@ def plot_projection(emb: dict, batch: dict, out: Path, plt) -> Path:
     fig, ax = plt.subplots(figsize=(6, 6))
     start = 0
     markers = {"image": "o", "text": "s", "audio": "^", "video": "x"}
-    palette = {"red": "tab:red", "green": "tab:green", "blue": "tab:blue", "yellow": "gold", "": "gray"}
-    colors = np.asarray(batch.get("color", np.asarray([""] * len(batch["key"]))))
+    n = len(batch["key"])
+    labels = np.asarray(batch[colour_by] if colour_by in batch else [""] * n).astype(str)
+    values = sorted({v for v in labels if v})
+    named = values and all(v.lower() in mcolors.CSS4_COLORS for v in values)
+    cycle = plt.get_cmap("tab10")
+    palette = {v: (v.lower() if named else cycle(i % 10)) for i, v in enumerate(values)}
     for m in mods:
         keep = batch[f"{m}_mask"]
         part = xy[start:start + keep.sum()]
         start += keep.sum()
         ax.scatter(part[:, 0], part[:, 1], s=10, marker=markers.get(m, "o"), label=m,
-                   c=[palette.get(c, "gray") for c in colors[keep]])
-    ax.set(title="embeddings (PCA), coloured by color attribute; marker = modality")
+                   c=[palette.get(v, "gray") for v in labels[keep]])
+    by = f"coloured by {colour_by}" if values else "not coloured (no attribute declared to colour by)"
+    ax.set(title=f"embeddings (PCA), {by}; marker = modality")
     ax.legend()
     path = out / "embedding_projection.png"
     fig.savefig(path, dpi=80, bbox_inches="tight")
@@ -264,22 +261,28 @@ def evaluate_model(model_dir: str, urls: str, split: str = "test", max_samples: 
                    batch_size: int = 128, log_to_mlflow: bool = False, out: str = "") -> dict:
     """Evaluate a model folder on held-out shards; optionally log into the active MLflow run."""
 
+    declared = load_declaration(urls)
+    if not declared.declared:
+        log.warning("%s: the data set declares no evaluation (%s): only a sample itself counts as a "
+                    "correct answer, and there is no zero-shot", urls, declared.source)
     model = load_model(model_dir).eval()
     spec = model.config.inputs
     modalities = [m for m in PAIR_ORDER if m in model.modalities]
-    batch = load_eval_batch(urls, split, modalities, spec, max_samples)
+    batch = load_eval_batch(urls, split, modalities, spec, max_samples, declared.label_fields)
     emb = embed_all(model, batch, modalities, batch_size)
-    retrieval = all_retrieval(emb, batch)
-    zeroshot = zero_shot(model, emb, batch, spec)
+    retrieval = all_retrieval(emb, batch, declared)
+    zeroshot = zero_shot(model, emb, batch, spec, declared)
     report = {"model": model_dir, "data": urls, "split": split, "samples": int(len(batch["key"])),
-              "retrieval": retrieval, "zero_shot": zeroshot, "headline": headline(retrieval, zeroshot)}
+              "evaluation": declared.summary(), "retrieval": retrieval, "zero_shot": zeroshot,
+              "headline": headline(retrieval, zeroshot)}
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="raybind-eval-"))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval_report.json").write_text(json.dumps(report, indent=1))
-    plots = plot_all(emb, batch, retrieval, folder)
+    plots = plot_all(emb, batch, retrieval, folder, declared.plot_by)
     if log_to_mlflow:
         import mlflow
 
+        mlflow.set_tag("raybind.eval_declared", str(declared.declared).lower())
         mlflow.log_metrics(flat_metrics(retrieval, zeroshot))
         mlflow.log_artifact(str(folder / "eval_report.json"), "eval")
         for p in plots:
@@ -301,6 +304,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     with mlflow.start_run(run_name="evaluate") as run:
         mlflow.set_tags({"raybind.job": "evaluate", "raybind.model": cfg.model, "raybind.data": data})
         report = evaluate_model(model_dir, data, cfg.split, cfg.max_samples, cfg.batch_size, True, cfg.out)
-    return {"job": "evaluate", "model": cfg.model, "samples": report["samples"], **report["headline"],
+    return {"job": "evaluate", "model": cfg.model, "samples": report["samples"],
+            "declared": report["evaluation"]["declared"], **report["headline"],
             "zero_shot": report["zero_shot"], "report": report["report_dir"], "mlflow_run_id": run.info.run_id,
             "tracking_uri": uri}

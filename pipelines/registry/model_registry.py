@@ -15,11 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from models.reference import REGISTERED_ARTIFACT, RegistryRef, is_registry_ref, parse_registry_ref
 from pipelines.core import workspace
 
 REPO = workspace.REPO
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
-ARTIFACT = "binding"  # the model folder inside a registered model's artifacts/
 
 
 class ModelNotFoundError(ValueError):
@@ -40,10 +40,10 @@ def register_model(model_dir: str, name: str, run_id: str, tags: dict[str, str] 
     run_ctx = contextlib.nullcontext() if same_run else mlflow.start_run(run_id=run_id, nested=active is not None)
     with run_ctx, tempfile.TemporaryDirectory() as tmp:
         # MLflow names a logged folder after its basename: stage it as `binding/`, the name loaders expect.
-        staged = shutil.copytree(model_dir, Path(tmp) / ARTIFACT)
+        staged = shutil.copytree(model_dir, Path(tmp) / REGISTERED_ARTIFACT)
         signature = mlflow_pyfunc.signature(model_dir)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(mlflow_pyfunc.__file__)), artifacts={ARTIFACT: str(staged)},
+            name="model", python_model=str(Path(mlflow_pyfunc.__file__)), artifacts={REGISTERED_ARTIFACT: str(staged)},
             code_paths=[str(REPO / "models")], signature=signature, input_example=mlflow_pyfunc.input_example(),
             registered_model_name=name, pip_requirements=mlflow_pyfunc.PIP_REQUIREMENTS)
     client = MlflowClient()
@@ -55,7 +55,7 @@ def register_model(model_dir: str, name: str, run_id: str, tags: dict[str, str] 
     if set_champion_if_none and not has_alias(name, CHAMPION):
         client.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
-    return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "aliases": aliases}
+    return {"name": name, "version": version, "uri": str(RegistryRef(name, version=version)), "aliases": aliases}
 
 
 def has_alias(name: str, alias: str) -> bool:
@@ -74,23 +74,22 @@ def check_reference(uri: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if not uri.startswith("models:/"):
+    if not is_registry_ref(uri):
         return
-    ref = uri[len("models:/"):]
-    name, _, rest = ref.partition("@") if "@" in ref else ref.partition("/")
+    ref = parse_registry_ref(uri)
     client = MlflowClient()
     try:
-        client.get_registered_model(name)
+        client.get_registered_model(ref.name)
     except MlflowException:
-        raise ModelNotFoundError(f"{uri}: no registered model named {name!r}") from None
+        raise ModelNotFoundError(f"{uri}: no registered model named {ref.name!r}") from None
     try:
-        if "@" in ref:
-            client.get_model_version_by_alias(name, rest)
-        elif rest:
-            client.get_model_version(name, rest)
+        if ref.alias:
+            client.get_model_version_by_alias(ref.name, ref.alias)
+        else:
+            client.get_model_version(ref.name, ref.version)
     except MlflowException:
-        what = f"alias {rest!r}" if "@" in ref else f"version {rest!r}"
-        raise ModelNotFoundError(f"{uri}: model {name!r} has no {what}") from None
+        what = f"alias {ref.alias!r}" if ref.alias else f"version {ref.version!r}"
+        raise ModelNotFoundError(f"{uri}: model {ref.name!r} has no {what}") from None
 
 
 def local_model_dir(ref: str, tracking_uri: str | None = None) -> str:
@@ -104,7 +103,7 @@ def local_model_dir(ref: str, tracking_uri: str | None = None) -> str:
         check_reference(ref)
         cache = workspace.subdir("models") / hashlib.sha256(ref.encode()).hexdigest()[:16]
         path = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(cache))
-        return model_folder(Path(path) / "artifacts" / ARTIFACT, ref)
+        return model_folder(Path(path) / "artifacts" / REGISTERED_ARTIFACT, ref)
     return model_folder(Path(ref), ref)
 
 

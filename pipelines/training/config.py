@@ -61,3 +61,13 @@ class TrainConfig:
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         require(self.max_failures >= 0, "max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Evaluation of the last checkpoint on the held-out split, after training."""
+
+    enabled: bool = True
+    split: str = "test"
+    max_samples: int = 512
+    batch_size: int = 128

@@ -28,30 +28,24 @@ class DataConfig:
     train: str = ""  # shards: folder, glob, brace pattern, manifest or s3:// ("" = .raybind/data/shapesworld)
     eval: str = ""  # held-out shards ("" = the train location, read with eval.split)
     train_split: str = "train"
-    modalities: tuple[str, ...] = ("image", "text", "audio", "video")
-    seed: int = 0
-    shuffle_window: int = 256
-    max_failure_fraction: float = 0.05
-    # Rows per block. Streaming is cheaper with larger ones (configs/pretrain/tiny.yaml reads 128;
-    # measured in the README), but the decode cache's epochs shuffle whole blocks: finer when small.
-    samples_per_block: int = 32
-    read_cpus: float = 1.0  # CPUs per read/decode task
     # Decode the split once and replay it from Ray's object store every epoch, in a new block order.
-    # For small data trained for many epochs (the demo: 18 epochs of 1,600 scenes), where decoding
-    # again each epoch costs more CPU than training. Refused when the decoded split would not fit.
+    # For small data trained for many epochs (the demo), where decoding again each epoch costs more
+    # CPU than training. Refused when the decoded split would not fit.
     cache_decoded: bool = False
+    # How the shards are read and decoded: modalities, seed, shuffle window, block size, CPUs per
+    # read task, failure budget (pipelines/data/read/config.py). Its split is data.train_split.
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
 
     @property
     def prefetch_batches(self) -> int | None:
-        """Batches whose blocks a trainer fetches ahead: None = reader.default_prefetch_batches()
-        (0 on one node). Always 0 with the cache: its epochs replay the same block refs, a window
-        across an epoch boundary holds one ref twice and Ray's prefetcher (`ray.wait`) logs an error
-        for every batch there."""
+        """Batches whose blocks a trainer fetches ahead: None = the reader's default (0 on one
+        node). Always 0 with the cache: its epochs replay the same block refs, a window across an
+        epoch boundary holds one ref twice and Ray's prefetcher (`ray.wait`) logs an error for
+        every batch there."""
         return 0 if self.cache_decoded else None
 
     def __post_init__(self):
-        require(0 <= self.max_failure_fraction <= 1, "max_failure_fraction", "must be in [0, 1]")
-        require(self.read_cpus > 0, "read_cpus", "must be > 0")
+        require(self.reader.split is None, "data.reader.split", "leave it unset: the training split is data.train_split")
 
 
 @dataclass

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.binding import BindingModel
+from models.binding import BindingModel, split_batch
 from models.checkpoint import load_model
 from models.config import ModelConfig
 from models.heads import Classifier, HeadConfig, freeze_unused, load_classifier_weights, save_classifier
 from pipelines.core.config import require
-from pipelines.training.tasks import ContrastiveTask, StepOutput, model_inputs, unwrap
+from pipelines.training.tasks import ContrastiveTask, StepOutput, unwrap
 
 IGNORE = -100  # cross_entropy's ignore_index: a sample whose label is unknown or whose inputs are all absent
 LABEL_JOIN = "+"
@@ -89,7 +89,7 @@ class ClassificationTask:
         return torch.where(present, ids, IGNORE)
 
     def compute(self, module, batch, rank, world_size) -> StepOutput:
-        inputs, masks = model_inputs(batch, self.modalities)
+        inputs, masks = split_batch(batch, self.modalities)
         logits = module(inputs, masks).float()
         target = self.targets(batch, masks, logits.device)
         valid = target != IGNORE

@@ -15,18 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.config import ModelConfig, available_models
+from models.spec import MODALITIES
 from pipelines.core import storage, tracking, workspace
 from pipelines.core.config import require, to_dict
 from pipelines.core.ray_runtime import ensure_ray
 from pipelines.data.read import ReadStats
 from pipelines.eval.evaluate import evaluate_model
 from pipelines.registry.model_registry import local_model_dir, register_model
-from pipelines.training.config import OptimConfig, TrainConfig
+from pipelines.training.config import EvalSection, OptimConfig, TrainConfig
 from pipelines.training.data import DataConfig, TrainStream, resolve_data
 from pipelines.training.loop import LoopSpec, train_loop_per_worker
 from pipelines.training.tasks import ContrastiveTask, LossConfig
-
-MODALITIES = ("image", "text", "audio", "video")
 
 
 @dataclass(frozen=True)
@@ -36,19 +35,11 @@ class ModelSection:
     lock: tuple[str, ...] = ()  # towers kept frozen (LiT-style), e.g. [text]
 
     def __post_init__(self):
-
         require(self.name in available_models() or self.name.endswith(".json"), "name",
                 f"{self.name!r} is not a registered size ({', '.join(available_models())}) or a .json config")
         for m in self.lock:
             require(m in MODALITIES, "lock", f"{m!r} is not a modality; choose from {', '.join(MODALITIES)}")
 
-
-@dataclass(frozen=True)
-class EvalSection:
-    enabled: bool = True
-    split: str = "test"
-    max_samples: int = 512
-    batch_size: int = 128
 
 
 @dataclass(frozen=True)
@@ -62,9 +53,8 @@ class PretrainConfig:
     mlflow: tracking.TrackingConfig = field(default_factory=tracking.TrackingConfig)
 
     def __post_init__(self):
-        for m in self.data.modalities:
-            require(m in MODALITIES, "data.modalities", f"{m!r} is not a modality; choose from {MODALITIES}")
-        require(len(self.data.modalities) >= 2, "data.modalities", "contrastive pretraining needs >= 2")
+        require(len(self.data.reader.modalities) >= 2, "data.reader.modalities",
+                "contrastive pretraining needs >= 2")
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -156,7 +146,7 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
     data.stats = ReadStats()  # skip counters, filled by the read tasks (an actor owned by this driver)
     lineage = tracking.lineage_tags(data.shard_urls, data.manifest, ray.cluster_resources())
     run_id = open_run(cfg, run_name, lineage)
-    task = ContrastiveTask(model_config=model_dict, loss=cfg.loss, modalities=cfg.data.modalities,
+    task = ContrastiveTask(model_config=model_dict, loss=cfg.loss, modalities=cfg.data.reader.modalities,
                            lock=cfg.model.lock, init_from=init_dir)
     spec = LoopSpec(task=task, train=cfg.train, optim=cfg.optim, tracking_uri=uri, run_id=run_id,
                     prefetch_batches=cfg.data.prefetch_batches)

@@ -13,10 +13,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from models.binding import BindingModel
+from models.binding import BindingModel, split_batch
 from models.checkpoint import load_model, load_state_dict, save_model
 from models.config import ModelConfig
 from models.losses import ContrastiveLoss
+from models.spec import MODALITIES
 from pipelines.core.config import require
 
 
@@ -50,7 +51,7 @@ class LossConfig:
     def __post_init__(self):
         for pair, w in self.pair_weights.items():
             parts = pair.split("-")
-            require(len(parts) == 2 and all(p in ("image", "text", "audio", "video") for p in parts),
+            require(len(parts) == 2 and all(p in MODALITIES for p in parts),
                     f"pair_weights.{pair}", "pair names look like image-text, audio-video")
             require(w >= 0, f"pair_weights.{pair}", "must be >= 0")
 
@@ -59,12 +60,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return module.module if hasattr(module, "module") and isinstance(
         module, torch.nn.parallel.DistributedDataParallel) else module
-
-
-def model_inputs(batch: dict[str, Any], modalities: tuple[str, ...]) -> tuple[dict, dict]:
-    inputs = {m: batch[m] for m in modalities if m in batch}
-    masks = {m: batch[f"{m}_mask"].bool() for m in inputs}
-    return inputs, masks
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ class ContrastiveTask:
                                pair_weights=dict(self.loss.pair_weights) or None)
 
     def compute(self, module, batch, rank, world_size) -> StepOutput:
-        inputs, masks = model_inputs(batch, self.modalities)
+        inputs, masks = split_batch(batch, self.modalities)
         output = module(inputs, masks)
         result = self.loss_fn()(output, masks, rank=rank, world_size=world_size)
         metrics = {"loss": float(result.total.detach()), "logit_scale": float(output.logit_scale.detach())}

@@ -107,9 +107,9 @@ def test_the_demo_trains_as_configs_pretrain_tiny_says():
     assert demo.loss == tiny.loss
     assert demo.model == tiny.model
     # What the demo sets on purpose: its own data folder, the decode cache, its length and name. Its
-    # cache keeps the default 32-sample blocks (its epochs shuffle whole blocks); the streaming job
-    # reads larger ones, which cost the trainer less.
-    assert tiny.data.samples_per_block > demo.data.samples_per_block
+    # cache cuts its own small blocks (its epochs shuffle whole blocks); the streaming job sets 128.
+    assert tiny.data.reader.samples_per_block == 128 and demo.data.reader.samples_per_block == 0
+    reader = dataclasses.replace(tiny.data.reader, samples_per_block=0)
     assert dataclasses.replace(demo.data, train="", cache_decoded=False) == \
-        dataclasses.replace(tiny.data, train="", samples_per_block=demo.data.samples_per_block)
+        dataclasses.replace(tiny.data, train="", reader=reader)
     assert dataclasses.replace(demo.train, steps=tiny.train.steps) == tiny.train

@@ -17,7 +17,9 @@ from models import decode
 from models.spec import InputSpec
 from pipelines.core.config import ConfigError
 from pipelines.data.write import media
-from pipelines.data.write.build import BuildConfig, build_dataset, hashed_split
+from pipelines.data.write.build import build_dataset
+from pipelines.data.write.build_config import BuildConfig
+from pipelines.data.write.inputs import hashed_split
 from pipelines.data.write.writer import OutputError
 
 pytestmark = pytest.mark.ray

@@ -20,13 +20,8 @@ from models.config import ModelConfig
 from pipelines.core.config import ConfigError, load_config
 from pipelines.data.write.synth import SynthConfig, synthesize
 from pipelines.registry.model_registry import ModelNotFoundError
-from pipelines.training.finetune import (
-    PARENT_TAG,
-    PARENT_URI_TAG,
-    PARENT_VERSION_TAG,
-    FinetuneConfig,
-    run_finetune,
-)
+from pipelines.training.finetune import run_finetune
+from pipelines.training.finetune_config import PARENT_TAG, PARENT_URI_TAG, PARENT_VERSION_TAG, FinetuneConfig
 
 PARENT = "ft-test-pretrained"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ops.nightly import decide, newest_snapshot, night_lock, retarget_serve_config
+from pipelines.ops.night_records import decide, newest_snapshot, night_lock
+from pipelines.ops.serve_roll import retarget_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -194,9 +194,10 @@ def test_bad_config_fails_before_any_worker(shards, micro_model, tmp_path):
 
 
 def test_cached_epochs_replay_the_split_in_new_orders(shards, micro_model, tmp_path):
+    from pipelines.data.read import ReaderConfig
     from pipelines.training.data import DataConfig, TrainStream, resolve_data
 
-    cfg = DataConfig(train=str(shards), modalities=("image", "text"), cache_decoded=True)
+    cfg = DataConfig(train=str(shards), reader=ReaderConfig(modalities=("image", "text")), cache_decoded=True)
     data = resolve_data(cfg)
     per = data.samples_per_epoch
     stream = TrainStream(data=data, config=cfg, spec_dict=json.loads(Path(micro_model).read_text())["inputs"],

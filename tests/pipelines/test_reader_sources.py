@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from pipelines import shard_source as S
+from pipelines.data.read import sources as S
 from pipelines.data.read.datasource import split_name, window_shuffle
 
 NAMES = [f"shard-{i:06d}.tar" for i in range(5)]

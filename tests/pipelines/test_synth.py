@@ -1,4 +1,5 @@
-"""ShapesWorld writer: determinism, decodability, caption consistency, partial modalities, bad output."""
+"""ShapesWorld writer: determinism, decodability, caption consistency, partial modalities, bad output,
+and the evaluation it declares in its manifest (prompts, match attributes)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ import pytest
 
 from pipelines.data.write import shapesworld
 from pipelines.data.write import writer as shard_writer
-from pipelines.data.write.synth import SynthConfig, build_shard, synthesize
+from pipelines.data.write.synth import PROMPTS_FILE, SynthConfig, build_shard, synthesize
+from pipelines.eval.declared import load_declaration, parse_evaluation
 
 
 def members_by_key(tar_path: Path) -> dict[str, dict[str, bytes]]:
@@ -126,6 +129,71 @@ def test_partial_modalities(tmp_path):
             assert not any(w in members["txt"].decode() for w in ("hum", "tone", "beep", "chirp", "whistle"))
 
 
+# ----------------------------------------------------------------------------- declared evaluation
+# The zero-shot prompts `raybind evaluate` used before ShapesWorld declared them itself
+# (pipelines.eval.evaluate.class_prompts): the declaration must reproduce them exactly, so the
+# ShapesWorld numbers do not move. Digest: sha256 of json.dumps({attribute: {value: prompts}}, sort_keys=True).
+OLD_PROMPTS_SHA256 = "fee7072a7c0641bd68a87981d24905389e2b5d11d1b3470de9f687b2acfc3ed9"
+OLD_PROMPTS = {
+    ("shape", "circle"): (96, {0: "A small circle, red, moving to the left, with a low steady hum",
+                               17: "A red circle (large) drifting right; you hear a deep series of chirps",
+                               95: "A large yellow circle moving down to a very high series of chirps"}),
+    ("color", "red"): (96, {0: "A red circle (small) heading leftward to a low constant tone",
+                            17: "A large circle, red, gliding right to a deep series of chirps",
+                            95: "A red cross (large) moving downward; you hear a deep chirping whistle"}),
+    ("size", "large"): (192, {0: "A large circle, red, moving leftward to a low constant tone",
+                              17: "A green circle (large) sliding rightward; you hear a mid-pitched chirping whistle",
+                              191: "A yellow cross (large) sliding downward to a shrill series of chirps"}),
+    ("rhythm", "chirping"): (128, {0: "There is a small red circle moving leftward, with a low chirping whistle",
+                                   17: "There is a small blue circle sliding to the right, with a high series of chirps",
+                                   127: "A large cross, yellow, moving towards the bottom to a shrill series of chirps"}),
+}
+
+
+def declared_prompts(evaluation: dict) -> dict[str, dict[str, list[str]]]:
+    return {k: entry["prompts"] for k, entry in evaluation["zero_shot"].items()}
+
+
+def test_declared_prompts_are_the_ones_evaluation_used_before():
+    evaluation = shapesworld.evaluation_declaration()
+    prompts = declared_prompts(evaluation)
+    for (attribute, value), (count, some) in OLD_PROMPTS.items():
+        assert len(prompts[attribute][value]) == count, (attribute, value)
+        for i, text in some.items():
+            assert prompts[attribute][value][i] == text, (attribute, value, i)
+    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    assert digest == OLD_PROMPTS_SHA256
+    assert sum(len(p) for per in prompts.values() for p in per.values()) == 2304
+
+
+def test_declared_match_and_zero_shot_follow_what_each_modality_shows():
+    evaluation = shapesworld.evaluation_declaration()
+    assert evaluation["match_on"] == {k: list(v) for k, v in shapesworld.SHOWN_BY.items()}
+    assert list(evaluation["zero_shot"]) == list(shapesworld.ATTRIBUTES)
+    for attribute, entry in evaluation["zero_shot"].items():
+        assert entry["values"] == list(shapesworld.ATTRIBUTES[attribute])
+        assert entry["shown_by"] == list(shapesworld.SHOWN_BY[attribute])
+    declared = parse_evaluation(evaluation)
+    assert declared.match_attributes("text", "video") == ("shape", "color", "size", "direction")
+    assert declared.match_attributes("image", "audio") == ("color",)
+    assert declared.label_fields == tuple(shapesworld.ATTRIBUTES)
+
+
+def test_prompts_cover_every_combination_of_the_other_attributes_equally():
+    prompts = shapesworld.class_prompts("shape", "circle")
+    assert len(prompts) == 4 * 2 * 4 * 3  # color x size x direction x rhythm
+    assert all("circle" in p for p in prompts)
+    colors = Counter(c for p in prompts for c in shapesworld.ATTRIBUTES["color"] if f" {c}" in p.lower())
+    assert set(colors.values()) == {len(prompts) // 4}
+
+
+def test_pitch_follows_the_colour_in_colour_prompts():
+    assert all("red" in p.lower() for p in shapesworld.class_prompts("color", "red"))
+    assert all("low" in p.lower() or "deep" in p.lower() for p in shapesworld.class_prompts("color", "red"))
+    assert not any("shrill" in p.lower() for p in shapesworld.class_prompts("color", "red"))
+    assert all("yellow" in p.lower() for p in shapesworld.class_prompts("pitch", "very high"))
+
+
 @pytest.mark.ray
 def test_synthesize_writes_index_and_stats(tmp_path, ray_cluster):
     out = tmp_path / "ds"
@@ -140,6 +208,11 @@ def test_synthesize_writes_index_and_stats(tmp_path, ray_cluster):
     assert stats["count"] == 6 and stats["modalities"]["audio"] == 6
     assert any(n.endswith(".flac") for n in tarfile.open(out / "shard-000000.tar").getnames())
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    # The manifest declares the evaluation; its prompts live next to it; the loader reads both back.
+    assert manifest["evaluation"]["prompts_file"] == PROMPTS_FILE and (out / PROMPTS_FILE).is_file()
+    assert all("prompts" not in entry for entry in manifest["evaluation"]["zero_shot"].values())
+    assert load_declaration(str(out)) == parse_evaluation(shapesworld.evaluation_declaration(),
+                                                          source=str(out / "manifest.json"))
 
 
 @pytest.mark.ray
@@ -152,6 +225,9 @@ def test_synthesize_to_s3(ray_cluster, s3_server):
     assert summary["shards"] == 3
     assert "manifest.json" in names and "shard-000002.tar" in names and "sizes.json" in names
     assert json.loads(fs.cat(path + "/sizes.json"))["shard-000002.tar"] == 2
+    declared = load_declaration("s3://raybind-test/synth")
+    assert declared.declared and declared.source == "s3://raybind-test/synth/manifest.json"
+    assert declared.zero_shot == parse_evaluation(shapesworld.evaluation_declaration()).zero_shot
 
 
 def test_output_errors(tmp_path):

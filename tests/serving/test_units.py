@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from models.reference import ModelReferenceError, RegistryRef, parse_registry_ref
 from serving import index_store
 from serving.api import rank_labels, zero_shot_prompts
 from serving.auth import TokenError, check_bearer, load_token
 from serving.errors import ApiError, field_path
 from serving.inputs import decode_base64, json_item, sniff_ext
-from serving.model_source import ModelSourceError, parse_models_uri
+from serving.model_source import ModelSourceError, resolve
 from serving.schemas import ItemIn, ZeroShotOptions
 from serving.settings import AppArgs, EmbedderConfig, Limits
 
@@ -114,11 +115,14 @@ def test_settings_are_strict():
 
 
 def test_models_uri_forms():
-    assert parse_models_uri("models:/m@champion") == ("m", "", "champion")
-    assert parse_models_uri("models:/m/3") == ("m", "3", "")
-    for bad in ("models:/m", "models:/m/latest", "models:/@x", "models:/m@"):
-        with pytest.raises(ModelSourceError):
-            parse_models_uri(bad)
+    assert parse_registry_ref("models:/m@champion") == RegistryRef("m", alias="champion")
+    assert parse_registry_ref("models:/m/3") == RegistryRef("m", version="3")
+    assert str(RegistryRef("m", alias="champion")) == "models:/m@champion"
+    for bad in ("models:/m", "models:/m/latest", "models:/@x", "models:/m@", "runs:/abc/model"):
+        with pytest.raises(ModelReferenceError):
+            parse_registry_ref(bad)
+    with pytest.raises(ModelSourceError, match="expected models:/NAME@ALIAS"):
+        resolve("models:/m/latest")
 
 
 def test_field_paths():

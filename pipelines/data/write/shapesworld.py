@@ -14,10 +14,15 @@ data set is split into shards or on which worker writes it.
 | direction | left, right, up, down           | video, text (motion is only in video) |
 | pitch     | low, mid, high, very high       | audio, text (set by color)            |
 | rhythm    | steady, pulsing, chirping       | audio, text (only audio shows it)     |
+
+ShapesWorld declares its own evaluation (`evaluation_declaration`, written into the manifest by
+`raybind data synth`): retrieval matches on the attributes both modalities show, and every
+attribute is classified zero-shot with a full-factorial ensemble of captions per value.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -49,6 +54,7 @@ RGB = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yel
 RADIUS = {"small": 0.14, "large": 0.26}  # fraction of the frame side
 VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+PROMPT_SEED = 1234  # the zero-shot prompts' phrasing; changing it changes the declared prompts
 
 
 @dataclass(frozen=True)
@@ -196,3 +202,46 @@ def render_sample(scene: Scene, media: MediaSpec, key: str) -> dict[str, bytes]:
             **scene.attributes}
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     return members
+
+
+# ----------------------------------------------------------------------------- declared evaluation
+def class_prompts(attribute: str, value: str, seed: int = PROMPT_SEED) -> list[str]:
+    """Captions with `attribute` fixed to `value`, one per combination of the other attributes
+    (pitch follows colour), each phrased like a sample's caption with sound.
+
+    Why every combination rather than a random sample: the easy attributes (colour, size) dominate
+    each caption's embedding. With a random sample, "circle"'s prompts may hold more red scenes than
+    "square"'s, and that imbalance outweighs the shape signal. A balanced, full-factorial ensemble
+    holds every combination of the other attributes equally often in every class, so whichever
+    prompt of a class best matches an item, the other classes have one with the same other attributes.
+    """
+    rng = np.random.default_rng([seed, _hash_text(attribute + value)])
+    fixed = {attribute: value}
+    if attribute == "color":
+        fixed["pitch"] = PITCH_OF_COLOR[value]
+    elif attribute == "pitch":
+        fixed["color"] = {p: c for c, p in PITCH_OF_COLOR.items()}[value]
+    free = [k for k in ATTRIBUTES if k not in fixed and k != "pitch"]
+    prompts = []
+    for combo in itertools.product(*(ATTRIBUTES[k] for k in free)):
+        attrs = {**dict(zip(free, combo, strict=True)), **fixed}
+        attrs.setdefault("pitch", PITCH_OF_COLOR[attrs["color"]])
+        prompts.append(caption_for(attrs, True, rng))
+    return prompts
+
+
+def _hash_text(text: str) -> int:
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
+
+
+def evaluation_declaration() -> dict:
+    """The manifest's `"evaluation"` object (see pipelines/eval/declared.py): retrieval matches on
+    the attributes both modalities show; every attribute is classified zero-shot, in the modalities
+    that show it, against `class_prompts` of each value; the projection is coloured by colour."""
+    return {
+        "match_on": {k: list(v) for k, v in SHOWN_BY.items()},
+        "zero_shot": {k: {"values": list(ATTRIBUTES[k]), "shown_by": list(shown),
+                          "prompts": {v: class_prompts(k, v) for v in ATTRIBUTES[k]}}
+                      for k, shown in SHOWN_BY.items()},
+        "plot_by": "color",
+    }

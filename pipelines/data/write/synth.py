@@ -1,8 +1,14 @@
-"""`raybind data synth`: write ShapesWorld shards in parallel, one Ray task per shard."""
+"""`raybind data synth`: write ShapesWorld shards in parallel, one Ray task per shard.
+
+The manifest declares the data set's evaluation (`"evaluation"`, see pipelines/eval/declared.py);
+its zero-shot prompt ensembles (a few thousand captions) go to a side file next to it,
+`zero_shot_prompts.json`, so the manifest stays small.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,6 +19,8 @@ from pipelines.core.ray_runtime import ensure_ray
 from pipelines.core.storage import worker_env
 from pipelines.data.write import shapesworld
 from pipelines.data.write import writer as shard_writer
+
+PROMPTS_FILE = "zero_shot_prompts.json"
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,15 @@ def resolve_output(cfg: SynthConfig) -> SynthConfig:
     return dataclasses.replace(cfg, out=out)
 
 
+def split_prompts(evaluation: dict, prompts_file: str) -> tuple[dict, dict]:
+    """(the evaluation object with its zero-shot prompts replaced by `prompts_file`, the prompts
+    {attribute: {value: [prompt, ...]}} that file holds)."""
+    zero_shot = {k: {f: v for f, v in entry.items() if f != "prompts"}
+                 for k, entry in evaluation.get("zero_shot", {}).items()}
+    prompts = {k: entry["prompts"] for k, entry in evaluation.get("zero_shot", {}).items() if "prompts" in entry}
+    return {**evaluation, "zero_shot": zero_shot, "prompts_file": prompts_file}, prompts
+
+
 def synthesize(cfg: SynthConfig) -> dict:
     """Write the data set; returns a summary (counts, where, seconds). Raises OutputError early."""
 
@@ -98,10 +115,12 @@ def synthesize(cfg: SynthConfig) -> dict:
     start = time.perf_counter()
     try:
         stats = _run_tasks(cfg)
+        evaluation, prompts = split_prompts(shapesworld.evaluation_declaration(), PROMPTS_FILE)
+        shard_writer.put_atomic(storage.join(cfg.out, PROMPTS_FILE), json.dumps(prompts, indent=1).encode())
         manifest = shard_writer.write_dataset_index(cfg.out, stats, {
             "dataset": "shapesworld", "seed": cfg.seed,
             "attributes": {k: list(v) for k, v in shapesworld.ATTRIBUTES.items()},
-            "shown_by": {k: list(v) for k, v in shapesworld.SHOWN_BY.items()},
+            "evaluation": evaluation,
             "media": {"frame_size": cfg.frame_size, "num_frames": cfg.num_frames,
                       "audio_format": cfg.audio_format, "sample_rate": cfg.media.sample_rate},
             "created_by": f"raybind data synth --samples {cfg.samples} --shard-size {cfg.shard_size} "
@@ -109,6 +128,9 @@ def synthesize(cfg: SynthConfig) -> dict:
         })
     except BaseException:
         shard_writer.remove_partial(cfg.out)
+        fs, path = storage.filesystem(storage.join(cfg.out, PROMPTS_FILE))
+        if fs.exists(path):
+            fs.rm(path)
         raise
     return {
         "job": "data synth", "out": cfg.out, "samples": manifest["num_samples"],

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from pipelines.core import workspace
 from pipelines.core.config import require
-from pipelines.data.write.build import BuildConfig, build_dataset
+from pipelines.data.write.build import build_dataset
+from pipelines.data.write.build_config import BuildConfig
 
 PACKAGE = "tuxpaint-stamps-default"
 LICENCE = "GPL-2"
