@@ -113,8 +113,8 @@ def build_hnsw(vectors: np.ndarray, m: int, ef_construction: int, ef_search: int
     """A faiss HNSW graph over inner product (= cosine on normalised rows)."""
     import faiss
 
-    # One OpenMP thread: faiss's spinning workers stall badly when the cores are shared (a 20k x 64
-    # build took 43 s with the default threads on 2 busy cores, 16 s with one).
+    # One OpenMP thread: faiss's spinning workers stall badly when the cores are shared (a build on
+    # busy cores was several times slower with the default threads than with one).
     faiss.omp_set_num_threads(1)
     index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction

@@ -100,9 +100,8 @@ def train_worker_env() -> dict[str, str]:
     Why passive: between parallel regions torch's OpenMP threads spin by default. Where the cores are
     shared (Ray Data decode tasks beside the trainer, as on a CPU node that decodes and trains), a
     spinning thread keeps a core from the decoder, and a thread that lost its core holds its team up at
-    the next barrier. Measured on 2 cores, 1 worker x 2 threads, image+text streaming
-    (benchmarks/train_throughput.py (b), runs alternated): 219.1 and 193.0 samples/s with it, 175.3
-    and 174.1 without. One thread per worker never spins, so the demo's 2 x 1 layout is unaffected.
+    the next barrier (benchmarks/train_throughput.py (b) measures it; docs/design-notes.md). One
+    thread per worker never spins, so the demo's 2 x 1 layout is unaffected.
     """
     return {**storage.worker_env(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 

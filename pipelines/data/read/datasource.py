@@ -224,9 +224,9 @@ class BlockBuilder:
     """One block's rows, decoded straight into the block's arrays: row i of each modality's
     (capacity, *shape) array is the `out=` of the i-th sample's decode.
 
-    Why: stacking a block's per-sample arrays (np.stack of 128 rows, ~70 MB) was 4.5% of a decode
-    task's CPU (py-spy, data benchmark); decoding in place saves that copy and the decoders' own
-    output arrays. Each block gets fresh arrays: Ray Data may still hold a yielded block (its output
+    Why: stacking a block's per-sample arrays was a visible share of a decode task's CPU in
+    profiles of the data benchmark; decoding in place saves that copy and the decoders' own output
+    arrays. Each block gets fresh arrays: Ray Data may still hold a yielded block (its output
     buffer merges small ones), so a buffer is never reused."""
 
     def __init__(self, capacity: int, cfg: ReaderConfig, spec: InputSpec):
@@ -257,8 +257,8 @@ class BlockBuilder:
 def limit_torch_threads(cpus: float) -> None:
     """Decode with as many torch threads as the task has CPUs (the log-mel's STFT is a torch op).
     Why: the worker imported torch at start-up (ray_runtime.setup_worker), before Ray set
-    OMP_NUM_THREADS for the task, so torch sized its pool for the whole machine. Two 1-CPU read
-    tasks with two threads each on 2 cores cost 15-26 ms of CPU per sample instead of 5-7 (measured)."""
+    OMP_NUM_THREADS for the task, so torch sized its pool for the whole machine, and read tasks with
+    more threads than CPUs spent several times the CPU per sample fighting over the cores."""
     import torch
 
     threads = max(1, int(cpus))

@@ -101,9 +101,9 @@ def configure_context(context, cfg: ReaderConfig, spec: InputSpec) -> None:
     # blocks hands each block downstream as soon as it is decoded (smaller than 1.5x the target,
     # so it is not sliced either).
     context.target_max_block_size = max(2**20, int(0.9 * block_rows(cfg, spec) * bytes_per_sample(cfg, spec)))
-    # Ray Data's per-operator resource reservation held the second read task back by ~1 s at the
-    # start of every data set on 2 CPUs (measured: one decode task for the first second, then the
-    # stagger repeats at the end). The reader is normally the only operator; re-enable it on
+    # Ray Data's per-operator resource reservation held the second read task back at the start of
+    # every data set on a small machine (one decode task ran alone at first, and the stagger
+    # repeated at the end). The reader is normally the only operator; re-enable it on
     # ds.context if you chain heavy operators after it.
     context.op_resource_reservation_enabled = False
 
@@ -139,8 +139,8 @@ def default_prefetch_batches() -> int:
 
     Why: Ray's prefetcher tops its window up before it yields a block, so each block waits for the
     next one in order. With `preserve_order` that held a data set's first batch until its first read
-    task had finished its whole shard (first batch after 1.9-2.0 s with 4, 1.0 s with 0; measured
-    on the data benchmark). On one node every block is already in the local object store, so there
+    task had finished its whole shard (about twice as late as with no prefetch, on the data
+    benchmark). On one node every block is already in the local object store, so there
     is nothing to fetch ahead; the batches are still made in a background thread. Across nodes,
     prefetching overlaps the transfers."""
     import ray
