@@ -16,7 +16,6 @@ HEADLINE = ("eval/text_to_video/R_at_1", "eval/text_to_image/R_at_1", "train/los
 
 
 def tracking_uri(explicit: str = "") -> str:
-
     if explicit or os.environ.get("MLFLOW_TRACKING_URI"):
         return explicit or os.environ["MLFLOW_TRACKING_URI"]
     state = read_state()

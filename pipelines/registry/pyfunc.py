@@ -22,7 +22,6 @@ MEDIA_EXT = {"image": "jpg", "audio": "wav", "video": "mp4"}
 
 
 def decode_column(modality: str, values, exts, spec) -> np.ndarray:
-
     if modality == "text":
         return decode.tokenize([str(v) for v in values], spec.context_length, spec.tokenizer)
     rows = []
@@ -54,7 +53,6 @@ def embed_frame(model, frame) -> dict[str, list]:
 
 class BindingPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-
         self.model = load_model(context.artifacts["binding"]).eval()
 
     def predict(self, context, model_input, params=None):

@@ -114,16 +114,12 @@ class TrainStream:
     # With data.cache_decoded: the decoded split's blocks (ObjectRefs owned by the driver), see prepared().
     decoded_blocks: tuple = field(default=(), repr=False)
 
-    def reader_config(self):
-
-        c = self.config
-        return ReaderConfig(modalities=c.modalities, split=c.train_split, seed=c.seed,
-                            shuffle_window=c.shuffle_window, max_failure_fraction=c.max_failure_fraction,
-                            samples_per_block=c.samples_per_block, num_cpus_per_task=c.read_cpus,
-                            label_fields=self.label_fields)
+    def reader_config(self) -> ReaderConfig:
+        reader = self.config.reader
+        return dataclasses.replace(reader, split=self.config.train_split,
+                                   label_fields=tuple(dict.fromkeys(reader.label_fields + self.label_fields)))
 
     def __call__(self):
-
         position = latest_position(self.run_dir)
         per_epoch = max(1, self.data.samples_per_epoch)
         epoch, offset = divmod(position, per_epoch)

@@ -98,7 +98,6 @@ def resolve_label(task: TaskSection, plan: DataPlan) -> LabelSpec:
 
 
 def make_task(cfg: FinetuneConfig, parent: ParentModel, label: LabelSpec | None):
-
     t, init_from = cfg.task, parent.local_dir if cfg.init.pretrained else ""
     if t.kind == "retrieval":
         return RetrievalTask(model_config=parent.config, loss=t.loss, modalities=t.modalities,

@@ -71,11 +71,9 @@ class ClassificationTask:
         return tuple(self.head["modalities"])
 
     def head_config(self):
-
         return HeadConfig.from_dict(self.head)
 
     def build(self) -> torch.nn.Module:
-
         backbone = build_backbone(self.model_config, self.init_from)
         freeze_unused(backbone, self.modalities)
         if self.lock:
@@ -100,11 +98,9 @@ class ClassificationTask:
         return StepOutput(loss, {"loss": float(loss.detach()), "accuracy": accuracy})
 
     def export(self, module, directory: Path) -> None:
-
         save_classifier(unwrap(module), directory)
 
     def load_weights(self, module, directory: Path) -> None:
-
         load_classifier_weights(unwrap(module), directory)
 
 
@@ -138,7 +134,6 @@ class RetrievalTask(ContrastiveTask):
                 "may lock at most one tower of the pair (locking both leaves nothing to train)")
 
     def build(self) -> torch.nn.Module:
-
         model = super().build()
         freeze_unused(model, [m for m in self.modalities if m not in self.lock], keep_temperature=True)
         return model

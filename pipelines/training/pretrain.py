@@ -59,7 +59,6 @@ class PretrainConfig:
 
 # ----------------------------------------------------------------------------- preparation
 def model_config_dict(cfg: PretrainConfig) -> dict:
-
     path = Path(cfg.model.name)
     config = ModelConfig.from_file(path) if path.suffix == ".json" else ModelConfig.from_name(cfg.model.name)
     return config.to_dict()

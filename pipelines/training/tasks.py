@@ -74,7 +74,6 @@ class ContrastiveTask:
     name: str = "contrastive"
 
     def build(self) -> torch.nn.Module:
-
         config = ModelConfig.from_dict(self.model_config)
         model = load_model(self.init_from, expected=config) if self.init_from else BindingModel(config)
         for modality in self.lock:
@@ -82,7 +81,6 @@ class ContrastiveTask:
         return model
 
     def loss_fn(self):
-
         return ContrastiveLoss(kind=self.loss.kind, anchor=self.loss.anchor,
                                pair_weights=dict(self.loss.pair_weights) or None)
 
@@ -95,7 +93,6 @@ class ContrastiveTask:
         return StepOutput(result.total, metrics)
 
     def export(self, module, directory: Path) -> None:
-
         save_model(unwrap(module), directory)
 
     def load_weights(self, module, directory: Path) -> None:

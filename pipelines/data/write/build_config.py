@@ -74,7 +74,6 @@ class BuildConfig:
 
     @property
     def limits(self):
-
         return DecodeLimits(max_image_pixels=self.max_image_pixels, max_audio_seconds=self.max_audio_seconds,
                             max_video_seconds=self.max_video_seconds, max_member_bytes=self.max_file_bytes)
 
