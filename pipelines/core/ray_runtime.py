@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,8 +56,9 @@ def import_torch_first() -> None:
     import torch  # noqa: F401
 
 
-def quiet_placement_group_cleaner() -> None:
-    """Silence Ray Train v2's PlacementGroupCleaner warnings (errors still show).
+def quiet_ray_train_internals() -> None:
+    """Silence Ray Train v2's PlacementGroupCleaner warnings (errors still show), and the tracebacks
+    of its internal warnings that say they are safe to ignore.
 
     Why: it asks the State API, which the dashboard serves, whether the train controller is alive,
     about once a second. The local cluster here runs without a dashboard, so each check logged
@@ -65,12 +67,33 @@ def quiet_placement_group_cleaner() -> None:
     API either way, and a local cluster ends with its driver.
     """
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Its monitor thread also dies with a traceback when the State API cannot tell which cluster it
+    # is in (another Ray instance runs on the same machine): one line instead.
+    default_hook = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name == "PlacementGroupCleanerMonitor":
+            logging.getLogger("raybind").warning("Ray Train's placement group monitor stopped: %s", args.exc_value)
+            return
+        default_hook(args)
+
+    threading.excepthook = excepthook
+    # On a loaded machine the train controller's resource request to Ray's autoscaling coordinator
+    # can time out; Ray logs that as a warning it calls safe to ignore, with a full traceback. Keep
+    # the warning, drop the traceback.
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+                      ).addFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def setup_worker() -> None:
     """Ray worker setup hook for the local clusters ensure_ray starts."""
     import_torch_first()
-    quiet_placement_group_cleaner()
+    quiet_ray_train_internals()
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from models.checkpoint import load_model
 from models.heads import classification_metrics, load_classifier
 from pipelines.data.read import ReaderConfig, read_shards
-from pipelines.data.write import shapesworld
+from pipelines.eval.declared import load_declaration
 from pipelines.eval.evaluate import all_retrieval, embed_all, flat_metrics
 from pipelines.training.finetune_config import FinetuneConfig, ParentModel
 from pipelines.training.finetune_tasks import (
@@ -93,16 +93,18 @@ def evaluate_retrieval(cfg: FinetuneConfig, model_dir: str, parent: ParentModel,
 
     pair, e = cfg.task.modalities, cfg.eval
     tuned, start = load_model(model_dir).eval(), load_model(parent.local_dir).eval()
-    # Attribute columns let a ShapesWorld duplicate count as a hit (as `raybind evaluate` scores);
-    # on data without them only the sample itself matches.
-    batch = load_heldout(urls, e.split, pair, tuned.config.inputs, tuple(shapesworld.ATTRIBUTES), e.max_samples)
-    after = all_retrieval(embed_all(tuned, batch, pair, e.batch_size), batch)
-    before = all_retrieval(embed_all(start, batch, pair, e.batch_size), batch)
+    # What counts as a hit is what the data set declares (as `raybind evaluate` scores); with no
+    # declaration only the sample itself matches.
+    declared = load_declaration(urls)
+    batch = load_heldout(urls, e.split, pair, tuned.config.inputs, declared.label_fields, e.max_samples)
+    after = all_retrieval(embed_all(tuned, batch, pair, e.batch_size), batch, declared)
+    before = all_retrieval(embed_all(start, batch, pair, e.batch_size), batch, declared)
     metrics = {**flat_metrics(after, {}),
                **{k.replace("eval/", "eval/start_model/"): v for k, v in flat_metrics(before, {}).items()}}
     rows = [[d, *(f"{before[d][k]:.3f} -> {after[d][k]:.3f}" for k in ("R@1", "R@5", "R@10"))] for d in after]
     return {"headline": {f"{d}/{k}": round(r[k], 4) for d, r in after.items() for k in ("R@1", "R@5", "R@10")},
             "retrieval": after, "start_model_retrieval": before, "metrics": metrics,
+            "evaluation": declared.summary(),
             "table": markdown_table(["direction", "R@1 start -> tuned", "R@5", "R@10"], rows)}
 
 

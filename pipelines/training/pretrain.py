@@ -101,8 +101,12 @@ def train_worker_env() -> dict[str, str]:
     spinning thread keeps a core from the decoder, and a thread that lost its core holds its team up at
     the next barrier (benchmarks/train_throughput.py (b) measures it; docs/design-notes.md). One
     thread per worker never spins, so the demo's 2 x 1 layout is unaffected.
+
+    Why no print patch: Ray Train replaces `print` in its workers with a logger call that also tees to
+    the (redirected) stdout, so every step line reached the driver twice.
     """
-    return {**storage.worker_env(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return {**storage.worker_env(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def build_trainer(cfg: PretrainConfig, spec, stream: TrainStream, run_name: str, store: str):
