@@ -295,7 +295,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     """The CLI job: resolve the model reference, evaluate, log a run of its own."""
     import mlflow
 
-
     tcfg = tracking.TrackingConfig(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment)
     uri = tracking.configure(tcfg)
     model_dir = local_model_dir(cfg.model, uri)

@@ -117,7 +117,6 @@ class IndexEmbedder:
                  ranges: list[tuple[int, str, str]], threads: int = 1):
         import torch
 
-
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_dir).eval()
         self.modalities, self.labels = modalities, labels

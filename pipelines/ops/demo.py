@@ -11,6 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from models.spec import MODALITIES
 from pipelines.data.write.synth import SynthConfig, synthesize
 from pipelines.training.pretrain import PretrainConfig, run_pretrain
 
@@ -76,7 +77,8 @@ def render_demo(summary: dict) -> str:
         lines += [f"  {pair:<{width}}  {_fmt(r)}" for pair, r in pairs.items()]
     zero = summary.get("zero_shot", {})
     if zero:
-        modalities = sorted({m for per in zero.values() for m in per})
+        shown = {m for per in zero.values() for m in per}
+        modalities = [m for m in MODALITIES if m in shown]
         width = max(len(a) for a in zero)
         lines += ["", "zero-shot accuracy per attribute", "  " + " " * width + "".join(f"  {m:>6}" for m in modalities)]
         lines += ["  " + f"{attr:<{width}}" + "".join(f"  {_fmt(per.get(m)):>6}" for m in modalities)

@@ -72,7 +72,6 @@ def signature(model_dir: str):
     import pandas as pd
     from mlflow.models import infer_signature
 
-
     example = input_example()
     output = embed_frame(load_model(model_dir).eval(), example)
     return infer_signature(example, pd.DataFrame(output))

@@ -147,7 +147,6 @@ class TrainStream:
         """The train split decoded once, as a list of block refs in a fixed order."""
         import ray
 
-
         spec = InputSpec.from_dict(self.spec_dict)
         # Small blocks: an epoch's batches then mix many random groups of 8 scenes.
         # Kept in order, so that a resumed run rebuilds the very same stream.

@@ -154,7 +154,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train, evaluate, register; returns the job summary (and prints the comparison table)."""
     import ray
 
-
     started = time.perf_counter()
     data, uri, parent, label, task = prepare(cfg)
     run_name, store = run_names(cfg)
@@ -190,7 +189,6 @@ def finish(cfg: FinetuneConfig, run_id: str, uri: str, data: DataPlan, parent: P
     """Evaluate the last checkpoint on the held-out split, register it, close the MLflow run."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
 
     client = MlflowClient(uri)
     summary: dict = {"mlflow_run_id": run_id, "tracking_uri": uri, "parent": parent.tags()}

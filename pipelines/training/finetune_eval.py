@@ -24,7 +24,6 @@ def load_heldout(urls: str, split: str, modalities, spec, label_fields, max_samp
     """Up to `max_samples` decoded held-out samples (file order) as one batch of numpy arrays."""
     import numpy as np
 
-
     reader = ReaderConfig(modalities=tuple(modalities), split=split, shuffle_shards=False, shuffle_window=0,
                           label_fields=tuple(label_fields))
     parts = list(read_shards(urls, config=reader, spec=spec).limit(max_samples)
@@ -68,7 +67,6 @@ def predict(model, batch: dict, modalities, batch_size: int):
 def evaluate_classification(cfg: FinetuneConfig, model_dir: str, label: LabelSpec, urls: str, folder: Path) -> dict:
     """Accuracy, macro-F1 and a confusion-matrix plot; the majority class is the baseline to beat."""
     import numpy as np
-
 
     model = load_classifier(model_dir).eval()
     mods = model.head_config.modalities

@@ -76,7 +76,6 @@ def batch_stream(spec: LoopSpec, device: torch.device):
     """Endless iterator of torch batches from this worker's dataset shard (stops when data ends)."""
     import ray.train
 
-
     shard = ray.train.get_dataset_shard(spec.dataset)
     # drop_last: every rank must see equal batch sizes for the gathered contrastive loss.
     yield from to_torch_batches(shard, spec.train.batch_size, drop_last=True, device=str(device),

@@ -113,7 +113,6 @@ def build_trainer(cfg: PretrainConfig, spec, stream: TrainStream, run_name: str,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
@@ -136,7 +135,6 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
     benchmarks) fed to the workers instead of the shard stream; it has no data position, so a resumed
     run starts it again from its first row. `data.train` still names the shards (lineage, eval)."""
     import ray
-
 
     started = time.perf_counter()
     model_dict = model_config_dict(cfg)  # fail on a bad model name before anything starts

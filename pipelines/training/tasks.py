@@ -98,5 +98,4 @@ class ContrastiveTask:
     def load_weights(self, module, directory: Path) -> None:
         from safetensors.torch import load_file
 
-
         load_state_dict(unwrap(module), load_file(str(Path(directory) / "model.safetensors")))

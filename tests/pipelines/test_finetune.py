@@ -7,6 +7,9 @@ load_weights (what a resumed or restarted worker relies on)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,12 +65,16 @@ def pretrained(tmp_path_factory, micro_config, mlflow_server) -> dict:
 
 
 def config(shards, mlflow_uri, tmp_path, *overrides: str, steps: int = 4) -> FinetuneConfig:
+    return load_config(FinetuneConfig, None, settings(shards, mlflow_uri, tmp_path, *overrides, steps=steps))
+
+
+def settings(shards, mlflow_uri, tmp_path, *overrides: str, steps: int = 4) -> list[str]:
     base = [f"data.train={shards}", f"mlflow.tracking_uri={mlflow_uri}", "mlflow.experiment=finetune-tests",
             f"train.storage={tmp_path / 'runs'}", f"train.steps={steps}", "train.batch_size=8",
             "train.log_every=2", f"train.checkpoint_every={steps}", "optim.warmup_steps=1",
             "eval.max_samples=32", "mlflow.registered_model=", "train.log_checkpoints_to_mlflow=false", f"init.from_model=models:/{PARENT}@champion",
             "task.head.width=32", "task.head.layers=1", "task.head.heads=2", "task.head.hidden_dim=32"]
-    return load_config(FinetuneConfig, None, [*base, *overrides])
+    return [*base, *overrides]
 
 
 def client(uri):
@@ -144,8 +151,17 @@ def test_linear_probe_trains_the_head_only(shards, pretrained, mlflow_server, tm
 @ray_test
 def test_retrieval_with_a_locked_tower(shards, pretrained, mlflow_server, tmp_path):
     start = load_file(str(pretrained["folder"] / "model.safetensors"))
-    summary = run_finetune(config(shards, mlflow_server, tmp_path, "task.kind=retrieval",
-                                  "task.modalities=[audio,text]", "init.lock=[text]", "train.run_name=retr"))
+    # Through the real CLI, as a user pipes it: `raybind finetune ... --json | jq` needs stdout to be
+    # the summary alone (Ray's worker logs and the step lines go to stderr) and strict JSON.
+    sets = settings(shards, mlflow_server, tmp_path, "task.kind=retrieval", "task.modalities=[audio,text]",
+                    "init.lock=[text]", "train.run_name=retr")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([str(Path(sys.executable).parent / "raybind"), "finetune", "--json",
+                          *(a for item in sets for a in ("--set", item))],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert "pid=" in out.stderr and "pid=" not in out.stdout  # worker logs reached the driver, on stderr
     after = load_file(str(final_model(summary) / "model.safetensors"))
     assert changed(start, after, "encoders.text.") == set() and changed(start, after, "heads.text.") == set()
     assert changed(start, after, "encoders.audio.") and changed(start, after, "heads.audio.")

@@ -112,7 +112,8 @@ def test_status_reports_the_cluster_and_up_again_starts_nothing(home, cluster):
     report = json.loads(status.stdout[status.stdout.index("{"):])
     assert report["up"] and report["job_server_http"] == 200 and report["job_server_without_token_http"] == 401
     again = raybind(home, "cluster", "up", "--json")
-    assert again.returncode == 0 and "already up" in again.stdout
+    assert again.returncode == 0 and "already up" in again.stderr  # progress on stderr, the summary on stdout
+    assert json.loads(again.stdout)["job"] == "cluster up"
     assert json.loads((home / "cluster" / "state.json").read_text())["ray"]["sid"] == cluster["ray"]["sid"]
 
 
@@ -204,7 +205,7 @@ def test_nightly_promotes_once_then_changes_nothing(home, cluster, data, submitt
     before = registry_snapshot(cluster)
     again = raybind(home, "nightly", "--config", str(config))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "already finished (promoted v2" in again.stdout and "nothing to do" in again.stdout
+    assert "already finished (promoted v2" in again.stderr and "nothing to do" in again.stderr
     assert registry_snapshot(cluster) == before
     assert sorted(p.name for p in (home / "index").iterdir()) == ["v2"]
 
@@ -225,4 +226,4 @@ def test_candidate_not_better_by_the_margin_is_not_promoted(home, cluster, data,
     assert run.data.tags["raybind.night"].startswith("2026-01-02-")
     assert run.data.tags["raybind.nightly.decision"] == f"kept v{champion} (v{now['candidate']} not better)"
     assert run.data.metrics["promoted"] == 0.0 and run.data.metrics["delta/mean_R_at_1"] < 1.0
-    assert "FAIL" in out.stdout and not (home / "index" / f"v{now['candidate']}").exists()
+    assert "FAIL" in out.stderr and not (home / "index" / f"v{now['candidate']}").exists()

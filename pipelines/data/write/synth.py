@@ -72,7 +72,6 @@ def _run_tasks(cfg: SynthConfig) -> list[dict]:
     import ray
     from tqdm import tqdm
 
-
     env = worker_env()
     task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
     if env:

@@ -28,7 +28,6 @@ def render_svg(data: bytes, max_side: int):
     """SVG -> RGBA PIL image, rendered (not resized) so its longer side is `max_side`."""
     from PIL import Image
 
-
     try:
         import cairosvg
     except (ImportError, OSError) as exc:  # OSError: the system cairo library is missing
@@ -50,7 +49,6 @@ def open_image(data: bytes, ext: str, cfg: BuildConfig):
 
     from PIL import Image
 
-
     if ext == "svg":
         return render_svg(data, cfg.image_max_side)
     try:
@@ -71,7 +69,6 @@ def encode_image(data: bytes, ext: str, cfg: BuildConfig) -> tuple[str, bytes]:
     """Validate, cap the longer side, re-encode. Returns (member extension, bytes)."""
     from PIL import Image
 
-
     im = open_image(data, ext, cfg)
     too_big = cfg.image_max_side and max(im.size) > cfg.image_max_side
     if cfg.image_format == "keep" and not too_big and ext in ("jpg", "jpeg", "png", "webp"):
@@ -90,7 +87,6 @@ def encode_image(data: bytes, ext: str, cfg: BuildConfig) -> tuple[str, bytes]:
 def read_audio(data: bytes, ext: str, cfg: BuildConfig):
     """The whole recording as float32 (frames, channels) and its rate (soundfile, then PyAV)."""
     import numpy as np
-
 
     errors = []
     for reader in (_soundfile_audio, _pyav_audio):
@@ -117,7 +113,6 @@ def _soundfile_audio(data: bytes, ext: str):
 
 def _pyav_audio(data: bytes, ext: str):
     import numpy as np
-
 
     with open_container(data, ext) as container:
         stream = container.streams.audio[0]
