@@ -32,7 +32,7 @@ when the header does not say), and member size.
 
 `out=`: the array decoders (and `decode_sample`) can write their result into a given array of the
 right shape instead of a new one. The reader passes row i of the block it is filling, so a block of
-decoded samples costs no stacking copy (see pipelines/shard_datasource.BlockBuilder).
+decoded samples costs no stacking copy (see pipelines/data/read/datasource.py, BlockBuilder).
 """
 
 from __future__ import annotations

@@ -169,6 +169,6 @@ class TrainStream:
         blocks = list(self.decoded_blocks) or self.decode_split()
         order = []
         for e in range(epoch, epoch + epochs):  # the same permutation of blocks for an epoch every time
-            order += [blocks[i] for i in np.random.default_rng([self.config.seed, e]).permutation(len(blocks))]
+            order += [blocks[i] for i in np.random.default_rng([self.config.reader.seed, e]).permutation(len(blocks))]
         stream = ray.data.from_arrow_refs(order)  # blocks stay where they are: nothing is copied
         return stream.split_at_indices([offset])[1] if offset else stream

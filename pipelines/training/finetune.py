@@ -40,8 +40,6 @@ from pipelines.training.finetune_tasks import (
 from pipelines.training.loop import LoopSpec
 from pipelines.training.pretrain import build_trainer, fetch_checkpoint_model, tempfile_dir
 
-PARENT_TAG, PARENT_VERSION_TAG, PARENT_URI_TAG = "raybind.parent_model", "raybind.parent_version", "raybind.parent_uri"
-
 
 # ----------------------------------------------------------------------------- the pretrained model
 def resolved_version(ref: str) -> str:

@@ -16,8 +16,6 @@ from pipelines.training.finetune_tasks import (
     LabelSpec,
 )
 
-PARENT_TAG, PARENT_VERSION_TAG, PARENT_URI_TAG = "raybind.parent_model", "raybind.parent_version", "raybind.parent_uri"
-
 
 # ----------------------------------------------------------------------------- evaluation (driver)
 def load_heldout(urls: str, split: str, modalities, spec, label_fields, max_samples: int) -> dict:
