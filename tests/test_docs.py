@@ -104,3 +104,13 @@ def test_readme_links_into_docs_exist():
     assert links, "README.md links to no page under docs/"
     missing = [t for t in links if not (REPO / t.split("#", 1)[0]).is_file()]
     assert not missing, f"README.md links to missing docs pages: {missing}"
+
+
+def test_code_comments_say_why_not_when():
+    """No dates or issue numbers in the library, the jobs or the Serve app (benchmarks and tests may
+    name the data they were run on)."""
+    sources = [p for folder in ("models", "pipelines", "serving") for p in (REPO / folder).rglob("*.py")]
+    assert len(sources) > 50
+    found = {str(p.relative_to(REPO)): marks for p in sources
+             if (marks := DATE.findall(p.read_text()) + ISSUE.findall(p.read_text()))}
+    assert not found, f"dates / issue numbers in code comments: {found}"

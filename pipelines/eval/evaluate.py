@@ -29,6 +29,7 @@ import torch
 
 from models.checkpoint import load_model
 from models.decode import tokenize
+from models.spec import MODALITIES
 from pipelines.core import tracking, workspace
 from pipelines.core.ray_runtime import ensure_ray
 from pipelines.data.read import ReaderConfig, read_shards
@@ -37,7 +38,6 @@ from pipelines.registry.model_registry import local_model_dir
 
 log = logging.getLogger(__name__)
 
-PAIR_ORDER = ("image", "text", "audio", "video")
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def retrieval_metrics(query: np.ndarray, target: np.ndarray, match: np.ndarray) 
 def all_retrieval(emb: dict[str, np.ndarray], batch: dict,
                   declared: EvalDeclaration = NOT_DECLARED) -> dict[str, dict[str, float]]:
     results = {}
-    mods = [m for m in PAIR_ORDER if m in emb]
+    mods = [m for m in MODALITIES if m in emb]
     for a in mods:
         for b in mods:
             if a == b:
@@ -267,7 +267,7 @@ def evaluate_model(model_dir: str, urls: str, split: str = "test", max_samples: 
                     "correct answer, and there is no zero-shot", urls, declared.source)
     model = load_model(model_dir).eval()
     spec = model.config.inputs
-    modalities = [m for m in PAIR_ORDER if m in model.modalities]
+    modalities = [m for m in MODALITIES if m in model.modalities]
     batch = load_eval_batch(urls, split, modalities, spec, max_samples, declared.label_fields)
     emb = embed_all(model, batch, modalities, batch_size)
     retrieval = all_retrieval(emb, batch, declared)

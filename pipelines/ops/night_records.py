@@ -46,7 +46,7 @@ def night_lock(path: str = "") -> Iterator[Path]:
 
 def newest_snapshot(root: str) -> tuple[str, str]:
     """(url, night id) of the newest data set: `root` itself if it has a manifest, else its
-    sub-folder with a manifest whose name sorts last (date-stamped names: 2026-11-27, ...)."""
+    sub-folder with a manifest whose name sorts last (date-stamped names such as YYYY-MM-DD)."""
     fs, path = storage.filesystem(root)
     if not fs.exists(path):
         raise FileNotFoundError(f"data.root: {root} does not exist")

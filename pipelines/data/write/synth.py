@@ -15,7 +15,7 @@ from typing import Literal
 
 from pipelines.core import storage, workspace
 from pipelines.core.config import require
-from pipelines.core.ray_runtime import ensure_ray
+from pipelines.core.ray_runtime import ensure_ray, run_tasks
 from pipelines.core.storage import worker_env
 from pipelines.data.write import shapesworld
 from pipelines.data.write import writer as shard_writer
@@ -70,21 +70,9 @@ def build_shard(cfg: SynthConfig, shard_index: int) -> dict:
 
 def _run_tasks(cfg: SynthConfig) -> list[dict]:
     import ray
-    from tqdm import tqdm
 
-    env = worker_env()
-    task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
-    if env:
-        task = task.options(runtime_env={"env_vars": env})
     cfg_ref = ray.put(cfg)
-    pending = [task.remote(cfg_ref, i) for i in range(cfg.num_shards)]
-    results = []
-    with tqdm(total=cfg.num_shards, desc="synth shards", unit="shard") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            results.extend(ray.get(done))
-            bar.update(len(done))
-    return results
+    return run_tasks(build_shard, [(cfg_ref, i) for i in range(cfg.num_shards)], "synth shards", env=worker_env())
 
 
 def resolve_output(cfg: SynthConfig) -> SynthConfig:
