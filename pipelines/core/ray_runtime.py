@@ -96,6 +96,19 @@ def setup_worker() -> None:
     quiet_ray_train_internals()
 
 
+def refresh_auth_from_env() -> None:
+    """Make Ray read RAY_AUTH_MODE / RAY_AUTH_TOKEN(_PATH) again before it connects.
+
+    Why: Ray reads them once, when `ray` is imported. A job that learns its cluster later (the
+    nightly job joins the local cluster from its state file) sets them after that, and its
+    connection was then refused for a missing token. This is how Ray's own tests switch modes.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS) if given, else start an in-process local cluster.
 
@@ -108,6 +121,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     apply_local_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        refresh_auth_from_env()
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -148,8 +148,8 @@ def log_comparison(run_id: str, candidate: dict, champion: dict, decision: Decis
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"candidate/{k}", v, now, 0) for k, v in candidate.items() if not math.isnan(v)]
-    metrics += [Metric(f"champion/{k}", v, now, 0) for k, v in champion.items() if not math.isnan(v)]
+    metrics = [Metric(f"candidate/{k}", v, now, 0) for k, v in candidate.items() if v is not None and not math.isnan(v)]
+    metrics += [Metric(f"champion/{k}", v, now, 0) for k, v in champion.items() if v is not None and not math.isnan(v)]
     metrics += [Metric(f"delta/{k}", v, now, 0) for k, v in decision.deltas.items()]
     metrics.append(Metric("promoted", float(decision.promote), now, 0))
     client().log_batch(run_id, metrics=[Metric(m.key.replace("@", "_at_").replace("->", "_to_"), m.value,
