@@ -10,21 +10,8 @@ from collections.abc import Callable
 
 from pipelines.cli.config_jobs import Job, results_stream
 from pipelines.core import strict_json
-from pipelines.data.read.inspect import format_report, inspect_dataset
-from pipelines.data.write.build import build_dataset
-from pipelines.data.write.build_config import BuildConfig
-from pipelines.data.write.synth import SynthConfig, synthesize
-from pipelines.data.write.tuxpaint import TuxpaintConfig, build_tuxpaint
-from pipelines.eval.evaluate import EvaluateConfig, run_evaluate
-from pipelines.eval.index import IndexConfig, run_index_build
 from pipelines.ops import cluster, runs, schedule
 from pipelines.ops import jobs as ops_jobs
-from pipelines.ops.demo import DemoConfig, render_demo, run_demo
-from pipelines.ops.nightly import run_nightly
-from pipelines.ops.nightly_config import NightlyConfig
-from pipelines.training.finetune import run_finetune
-from pipelines.training.finetune_config import FinetuneConfig
-from pipelines.training.pretrain import PretrainConfig, run_pretrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,42 +31,46 @@ def jobs() -> dict[str, list[Job]]:
     return {
         "": [
             Job("demo", "the main job on embedded defaults: synth ShapesWorld shards, pretrain the tiny "
-                "model on 2 CPU workers, evaluate, register", DemoConfig, run_demo, "demo.yaml",
-                render=render_demo),
+                "model on 2 CPU workers, evaluate, register", "pipelines.ops.demo", "DemoConfig", "run_demo",
+                "demo.yaml", renderer="render_demo"),
             Job("pretrain", "contrastive pretraining on Ray Train (resume: same train.run_name), "
-                "tracked in MLflow, evaluated and registered", PretrainConfig, run_pretrain,
+                "tracked in MLflow, evaluated and registered", "pipelines.training.pretrain", "PretrainConfig",
+                "run_pretrain",
                 "pretrain/tiny.yaml", config_dir="pretrain"),
             Job("evaluate", "retrieval R@K both ways for every modality pair and zero-shot accuracy per "
-                "attribute, with plots, logged to MLflow", EvaluateConfig, run_evaluate),
+                "attribute, with plots, logged to MLflow", "pipelines.eval.evaluate", "EvaluateConfig",
+                "run_evaluate"),
             Job("finetune", "fine-tune a registered model for a downstream task (fusion classification, "
-                "linear probe, retrieval) on Ray Train", FinetuneConfig, run_finetune,
+                "linear probe, retrieval) on Ray Train", "pipelines.training.finetune", "FinetuneConfig",
+                "run_finetune",
                 "finetune/classification.yaml", config_dir="finetune",
                 aliases=(("from", "init.from_model"),)),
             Job("nightly", "one idempotent night: resume pretraining from the champion on the newest shards, "
                 "evaluate, promote only if better by the margin, rebuild the index, reconfigure Serve",
-                NightlyConfig, run_nightly, "nightly.yaml"),
+                "pipelines.ops.nightly", "NightlyConfig", "run_nightly", "nightly.yaml"),
         ],
         "cluster": [
             Job("up", "start a local Ray head (token auth) and MLflow server on 127.0.0.1; addresses go to "
-                ".raybind/cluster/state.json", cluster.ClusterConfig, cluster.cluster_up),
+                ".raybind/cluster/state.json", "pipelines.ops.cluster", "ClusterConfig", "cluster_up"),
             Job("down", "stop the local Ray head and MLflow server that `cluster up` started",
-                cluster.DownConfig, cluster.cluster_down),
+                "pipelines.ops.cluster", "DownConfig", "cluster_down"),
             Job("status", "is the local cluster up: processes, job server (with and without the token), "
-                "MLflow, jobs", cluster.StatusConfig, cluster.cluster_status),
+                "MLflow, jobs", "pipelines.ops.cluster", "StatusConfig", "cluster_status"),
         ],
         "index": [
             Job("build", "embed shards with Ray Data batch inference into a Parquet search index",
-                IndexConfig, run_index_build),
+                "pipelines.eval.index", "IndexConfig", "run_index_build"),
         ],
         "data": [
             Job("synth", "write ShapesWorld synthetic shards (image, text, audio, video) to a folder or "
-                "s3:// URL", SynthConfig, synthesize, "synth.yaml"),
+                "s3:// URL", "pipelines.data.write.synth", "SynthConfig", "synthesize", "synth.yaml"),
             Job("build", "turn a folder or a CSV / Parquet / JSONL table of files + captions into shards",
-                BuildConfig, build_dataset, "data_build.yaml"),
+                "pipelines.data.write.build", "BuildConfig", "build_dataset", "data_build.yaml"),
         ],
         "data example": [
             Job("tuxpaint", "download Debian's Tux Paint stamps (GPL-2) with apt and build image-text and "
-                "image-audio-text shards from them", TuxpaintConfig, build_tuxpaint),
+                "image-audio-text shards from them", "pipelines.data.write.tuxpaint", "TuxpaintConfig",
+                "build_tuxpaint"),
         ],
     }
 
@@ -105,6 +96,8 @@ def print_json(value) -> None:
 
 # ----------------------------------------------------------------------------- handlers
 def _inspect(args: argparse.Namespace) -> int:
+    from pipelines.data.read.inspect import format_report, inspect_dataset  # the reader imports Ray
+
     with results_stream() as out:  # the reader runs on Ray: its logs must not reach stdout
         report = inspect_dataset(args.path, limit=args.limit, out_png=args.out)
         out.write((strict_json.dumps(report, indent=1) if args.json else format_report(report)) + "\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import os
 import sys
@@ -20,16 +21,32 @@ from pipelines.core.config import load_config
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """A CLI subcommand backed by a typed config and a function that runs it."""
+    """A CLI subcommand backed by a typed config and a function that runs it, both in `module`.
+
+    The module is imported only when the command runs or lists its flags: the job modules import
+    Ray, torch and MLflow, which `raybind --help` and the other commands should not wait for."""
 
     name: str
     help: str
-    config_cls: type
-    run: Callable[[Any], dict]
+    module: str  # e.g. "pipelines.eval.evaluate"
+    config: str  # the config class's name in `module`
+    function: str  # the function in `module` that runs the job: config -> summary dict
     default_config: str | None = None  # a file under configs/
     config_dir: str | None = None  # a folder under configs/ whose YAML files all configure this job
     aliases: tuple[tuple[str, str], ...] = ()  # extra flags for nested fields: (("from", "init.from_model"),)
-    render: Callable[[dict], str] | None = None  # the human-readable summary (default: a key/value table)
+    renderer: str | None = None  # a function in `module`: summary -> text (default: a key/value table)
+
+    @property
+    def config_cls(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config)
+
+    @property
+    def run(self) -> Callable[[Any], dict]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+    @property
+    def render(self) -> Callable[[dict], str]:
+        return getattr(importlib.import_module(self.module), self.renderer) if self.renderer else render_table
 
     def default_config_path(self) -> str | None:
         if self.default_config and (repo_configs() / self.default_config).is_file():
@@ -128,5 +145,5 @@ def run_job(job: Job, args: argparse.Namespace) -> int:
         if args.json:
             out.write(strict_json.dumps(summary, indent=1) + "\n")
         else:
-            out.write((job.render or render_table)(summary).rstrip("\n") + "\n")
+            out.write(job.render(summary).rstrip("\n") + "\n")
     return 0

@@ -20,7 +20,20 @@ def _group(subs: dict[str, Any], words: str) -> Any:
     return subs[words]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected_words(argv: list[str]) -> str:
+    """The command words at the head of `argv` ("data synth" of `data synth --samples 5`)."""
+    words = []
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return " ".join(words)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser. Given `argv`, only the config job it names gets its config flags (which
+    imports that job's module); without it, every job does."""
+    selected = None if argv is None else selected_words(argv)
     parser = argparse.ArgumentParser(
         prog="raybind",
         description="Learn one embedding space for image, text, audio and video on Ray; track it in "
@@ -30,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     for group, group_jobs in jobs().items():
         for job in group_jobs:
             p = _group(subs, group).add_parser(job.name, help=job.help, description=job.help)
-            add_config_args(p, job)
+            if selected is None or selected == f"{group} {job.name}".strip():
+                add_config_args(p, job)
             p.set_defaults(handler=lambda a, j=job: run_job(j, a))
     for command in commands():
         p = _group(subs, command.group).add_parser(command.name, help=command.help,
@@ -41,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     return run_guarded(lambda: args.handler(args))
 
 

@@ -91,3 +91,17 @@ def test_evaluate_json_is_strict_and_alone_on_stdout(tmp_path, ray_cluster):
     assert "[raybind]" not in out.stdout and "pid=" not in out.stdout
     assert out.stderr.strip(), "progress and logs go to stderr"
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
+
+
+def test_help_and_the_parser_import_no_job_module():
+    """`raybind --help` and the parser for one command import neither Ray nor torch nor the other
+    jobs' modules: a job's module loads when that job runs (or lists its flags)."""
+    code = ("import sys\n"
+            "from pipelines.cli.main import build_parser\n"
+            "build_parser(['data', 'synth', '--samples', '5'])\n"
+            "heavy = sorted(m for m in ('ray', 'torch', 'mlflow', 'pipelines.training.pretrain') if m in sys.modules)\n"
+            "print(','.join(heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"imported at parse time: {out.stdout.strip()}"
+    assert "pipelines.data.write.synth" not in out.stdout
