@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 
 from models.spec import InputSpec
 from pipelines.core import storage, workspace
 from pipelines.core.config import require
 from pipelines.data.read import ReaderConfig, bytes_per_sample, read_shards, resolve_shards
-from pipelines.training.state import STATE_FILE
-
-CHECKPOINT_PREFIX = "checkpoint_step_"
+from pipelines.training.state import CHECKPOINT_PREFIX, CHECKSUMS_FILE, STATE_FILE, checksum_sizes
 
 
 @dataclass(frozen=True)
@@ -86,19 +85,36 @@ def resolve_data(cfg: DataConfig) -> DataPlan:
                     manifest=manifest, samples_per_epoch=int(sum(per_split)))
 
 
-def latest_position(run_dir: str) -> int:
-    """Samples consumed at the newest checkpoint under `run_dir` (0 if there is none)."""
+def checkpoint_steps(run_dir: str) -> list[str]:
+    """The run's checkpoint folders (storage paths), newest first."""
     fs, path = storage.filesystem(run_dir)
     if not fs.exists(path):
-        return 0
-    steps = sorted((p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)),
-                   reverse=True)
-    for ckpt in steps:
+        return []
+    return sorted((p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)),
+                  reverse=True)
+
+
+def newest_intact_state(run_dir: str) -> dict | None:
+    """state.json of the newest checkpoint whose files all have the sizes its checksums.json
+    records (sizes only: hashing would download every checkpoint; the worker that loads one checks
+    the hashes too). A checkpoint cut short is skipped for the one before, with a warning."""
+    fs, _ = storage.filesystem(run_dir)
+    for ckpt in checkpoint_steps(run_dir):
         try:
-            return int(json.loads(fs.cat(f"{ckpt}/{STATE_FILE}"))["samples_seen"])
-        except (FileNotFoundError, KeyError, ValueError):
-            continue  # an incomplete checkpoint: try the one before
-    return 0
+            sizes = checksum_sizes(fs.cat(f"{ckpt}/{CHECKSUMS_FILE}"))
+            if all(fs.size(f"{ckpt}/{name}") == n for name, n in sizes.items()):
+                return json.loads(fs.cat(f"{ckpt}/{STATE_FILE}"))
+            problem = "a file's size differs from its checksums.json"
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        print(f"[raybind] warning: skipping checkpoint {ckpt} ({problem})", file=sys.stderr)
+    return None
+
+
+def latest_position(run_dir: str) -> int:
+    """Samples consumed at the newest intact checkpoint under `run_dir` (0 if there is none)."""
+    state = newest_intact_state(run_dir)
+    return int(state["samples_seen"]) if state else 0
 
 
 @dataclass(frozen=True)

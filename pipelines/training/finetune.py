@@ -120,16 +120,8 @@ def run_names(cfg: FinetuneConfig) -> tuple[str, str]:
 
 def open_run(cfg: FinetuneConfig, run_name: str, tags: dict[str, str]) -> str:
     """Reopen the MLflow run of this run name (resume) or start one; log config, lineage, parent."""
-    import mlflow
-
-    run_id = tracking.find_run(cfg.mlflow, run_name)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
-        if run_id is None:
-            mlflow.log_params(tracking.flatten(to_dict(cfg)))
-            mlflow.log_dict(to_dict(cfg), "config/finetune.yaml")
-        mlflow.set_tags({tracking.RUN_NAME_TAG: run_name, "raybind.job": "finetune",
-                         "raybind.task": task_title(cfg), **tags})
-        return run.info.run_id
+    return tracking.open_job_run(cfg.mlflow, run_name, "finetune", to_dict(cfg),
+                                 {"raybind.task": task_title(cfg), **tags}).run_id
 
 
 def task_title(cfg: FinetuneConfig) -> str:

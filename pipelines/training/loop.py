@@ -19,7 +19,14 @@ import torch
 from pipelines.data.read import to_torch_batches
 from pipelines.training.config import OptimConfig, TrainConfig
 from pipelines.training.schedule import make_optimizer, make_scheduler
-from pipelines.training.state import TrainState, load_train_state, save_train_state
+from pipelines.training.state import (
+    CHECKPOINT_PREFIX,
+    TrainState,
+    load_train_state,
+    save_train_state,
+    verify_checkpoint,
+    write_checksums,
+)
 from pipelines.training.tasks import Task, unwrap
 
 
@@ -59,16 +66,37 @@ def set_threads(train: TrainConfig) -> None:
 
 
 def restore(spec: LoopSpec, module, optimizer, scheduler) -> TrainState:
+    """Load the newest intact checkpoint: Ray Train's latest one, or, when that one was cut short
+    (a node lost while it was written), the newest one before it that matches its checksums."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return TrainState(mlflow_run_id=spec.run_id)
-    with checkpoint.as_directory() as directory:
-        spec.task.load_weights(module, Path(directory) / "model")
-        state = load_train_state(Path(directory), optimizer, scheduler)
-    print(f"[raybind] resumed at step {state.step}, {state.samples_seen} samples consumed")
-    return state
+    for checkpoint in [latest, *older_checkpoints(latest)]:
+        with checkpoint.as_directory() as directory:
+            problem = verify_checkpoint(Path(directory))
+            if problem is None:
+                spec.task.load_weights(module, Path(directory) / "model")
+                state = load_train_state(Path(directory), optimizer, scheduler)
+                print(f"[raybind] resumed at step {state.step}, {state.samples_seen} samples consumed")
+                return state
+        print(f"[raybind] warning: skipping checkpoint {checkpoint.path}: {problem}")
+    raise RuntimeError(f"no intact checkpoint under {Path(latest.path).parent}: move the run folder away "
+                       "or pick a new train.run_name")
+
+
+def older_checkpoints(latest) -> list:
+    """The checkpoints of `latest`'s run that are older than it, newest first (same storage)."""
+    import pyarrow.fs
+    import ray.train
+
+    run_dir = latest.path.rstrip("/").rsplit("/", 1)[0]
+    infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir))
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    current = latest.path.rstrip("/").rsplit("/", 1)[1]
+    return [ray.train.Checkpoint(path=f"{run_dir}/{n}", filesystem=latest.filesystem) for n in names if n < current]
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,6 +168,10 @@ class MetricLogger:
             # How the workers ran, beside the run's throughput figures (see pretrain.train_worker_env).
             self.client.set_tag(spec.run_id, "raybind.torch_threads", str(torch.get_num_threads()))
             self.client.set_tag(spec.run_id, "raybind.omp_wait_policy", os.environ.get("OMP_WAIT_POLICY", "unset"))
+            # A resumed run replays the steps since its last checkpoint; they were logged already,
+            # and a second point at the same step would make the curves ambiguous.
+            history = self.client.get_metric_history(spec.run_id, "train/loss")
+            self.logged_up_to = max((m.step for m in history), default=0)
 
     def log(self, state: TrainState, metrics: dict[str, float], timing: Timing, global_batch: int) -> None:
         if not self.enabled:
@@ -150,10 +182,13 @@ class MetricLogger:
         extra = {"samples_per_s": global_batch * timing.steps / max(timing.total, 1e-9),
                  "data_wait_fraction": timing.wait / max(timing.total, 1e-9),
                  "samples_seen": float(state.samples_seen)}
-        rows = [Metric(f"train/{k}", float(v), now, state.step) for k, v in {**metrics, **extra}.items()]
-        self.client.log_batch(self.spec.run_id, metrics=rows, synchronous=True)
+        replayed = state.step <= self.logged_up_to
+        if not replayed:
+            rows = [Metric(f"train/{k}", float(v), now, state.step) for k, v in {**metrics, **extra}.items()]
+            self.client.log_batch(self.spec.run_id, metrics=rows, synchronous=True)
         print(f"[raybind] step {state.step}/{self.spec.train.steps} loss {metrics.get('loss', float('nan')):.4f} "
-              f"{extra['samples_per_s']:.1f} samples/s, data wait {extra['data_wait_fraction']:.0%}")
+              f"{extra['samples_per_s']:.1f} samples/s, data wait {extra['data_wait_fraction']:.0%}"
+              + (" (replayed after a restart: logged before)" if replayed else ""))
 
 
 def save_checkpoint(spec: LoopSpec, module, optimizer, scheduler, state: TrainState, rank: int,
@@ -166,6 +201,7 @@ def save_checkpoint(spec: LoopSpec, module, optimizer, scheduler, state: TrainSt
         if rank == 0:
             spec.task.export(module, Path(tmp) / "model")
             save_train_state(Path(tmp), optimizer, scheduler, state)
+            write_checksums(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if spec.train.log_checkpoints_to_mlflow and spec.run_id:
                 from mlflow.tracking import MlflowClient

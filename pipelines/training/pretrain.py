@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipelines.data.read import ReadStats
 from pipelines.eval.evaluate import evaluate_model
 from pipelines.registry.model_registry import local_model_dir, register_model
 from pipelines.training.config import EvalSection, OptimConfig, TrainConfig
-from pipelines.training.data import DataConfig, TrainStream, resolve_data
+from pipelines.training.data import DataConfig, TrainStream, newest_intact_state, resolve_data
 from pipelines.training.loop import LoopSpec, train_loop_per_worker
 from pipelines.training.tasks import ContrastiveTask, LossConfig
 
@@ -78,17 +79,35 @@ def run_names(cfg: PretrainConfig) -> tuple[str, str]:
     return name, store
 
 
+STEPS_DONE_TAG = "raybind.steps_done"  # set when a run finishes: the step its model was taken at
+
+
 def open_run(cfg: PretrainConfig, run_name: str, data_lineage: dict) -> str:
     """Reopen the MLflow run of this run name (resume) or start one; log config and lineage."""
-    import mlflow
+    return tracking.open_job_run(cfg.mlflow, run_name, "pretrain", to_dict(cfg), data_lineage).run_id
+
+
+def finished_already(cfg: PretrainConfig, run_name: str, run_dir: str) -> dict | None:
+    """The summary of a FINISHED run of this name that already reached train.steps, else None:
+    running the same command again changes nothing (raise train.steps to continue it)."""
+    from mlflow.tracking import MlflowClient
 
     run_id = tracking.find_run(cfg.mlflow, run_name)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
-        if run_id is None:
-            mlflow.log_params(tracking.flatten(to_dict(cfg)))
-            mlflow.log_dict(to_dict(cfg), "config/pretrain.yaml")
-        mlflow.set_tags({tracking.RUN_NAME_TAG: run_name, "raybind.job": "pretrain", **data_lineage})
-        return run.info.run_id
+    run = MlflowClient().get_run(run_id) if run_id else None
+    if run is None or run.info.status != "FINISHED":
+        return None
+    recorded = run.data.tags.get(STEPS_DONE_TAG)
+    if recorded is None:  # a run finished before the tag existed: its newest checkpoint says
+        state = newest_intact_state(run_dir)
+        recorded = state["step"] if state else None
+    if recorded is None or int(recorded) < cfg.train.steps:
+        return None
+    state = {"step": int(recorded)}
+    print(f"[raybind] pretrain: run {run_name!r} already finished at step {state['step']} (MLflow run "
+          f"{run_id}); nothing to do. Raise train.steps to continue it, or pick a new train.run_name.",
+          file=sys.stderr)
+    return {"job": "pretrain", "run_name": run_name, "status": "already finished", "steps": state["step"],
+            "mlflow_run_id": run_id, "storage": run_dir, "mlflow_ui": tracking.ui_command(tracking.configure(cfg.mlflow))}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -141,11 +160,17 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
     data = resolve_data(cfg.data)
     run_name, store = run_names(cfg)
     uri = tracking.configure(cfg.mlflow)
+    done = finished_already(cfg, run_name, storage.join(store, run_name))
+    if done is not None:
+        return done
     init_dir = resolve_init(cfg.model.init_from, uri)
     ensure_ray()
     data.stats = ReadStats()  # skip counters, filled by the read tasks (an actor owned by this driver)
     lineage = tracking.lineage_tags(data.shard_urls, data.manifest, ray.cluster_resources())
     run_id = open_run(cfg, run_name, lineage)
+    # Said now, not only in the summary: a job killed later still tells where its results are.
+    print(f"[raybind] pretrain {run_name}: MLflow run {run_id} at {uri}; checkpoints in "
+          f"{storage.join(store, run_name)}", file=sys.stderr, flush=True)
     task = ContrastiveTask(model_config=model_dict, loss=cfg.loss, modalities=cfg.data.reader.modalities,
                            lock=cfg.model.lock, init_from=init_dir)
     spec = LoopSpec(task=task, train=cfg.train, optim=cfg.optim, tracking_uri=uri, run_id=run_id,
@@ -156,10 +181,10 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
     try:  # decoding the cache (prepared) can fail too: the run is then marked FAILED like any other error
         stream = stream if dataset is not None else stream.prepared()
         result = build_trainer(cfg, spec, stream, run_name, store).fit()
-    except BaseException:
+    except BaseException as exc:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(uri).set_terminated(run_id, "FAILED")
+        MlflowClient(uri).set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     checkpoint_dir = result.checkpoint.path if result.checkpoint else None
     summary = finish(cfg, run_id, uri, data, checkpoint_dir, result, evaluate_model, register_model)
@@ -194,6 +219,7 @@ def finish(cfg, run_id, uri, data, checkpoint_dir, result, evaluate_model, regis
             if cfg.mlflow.registered_model:
                 summary["registered"] = register_model(model_dir, cfg.mlflow.registered_model, run_id,
                                                        tags={"raybind.steps": str(steps)})
+    client.set_tag(run_id, STEPS_DONE_TAG, str(steps))
     client.set_terminated(run_id, "FINISHED")
     return summary
 

@@ -3,10 +3,13 @@
   model/            the task's artefact (config.json + model.safetensors)
   train_state.pt    optimiser, scheduler, torch RNG: tensors and numbers only (weights_only=True)
   state.json        step, data position (global samples consumed), MLflow run id, numpy RNG
+  checksums.json    size and sha256 of every file above, written last: a checkpoint without it, or
+                    whose files do not match it, was cut short and is skipped for an older one
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.json"
+CHECKSUMS_FILE = "checksums.json"
+CHECKPOINT_PREFIX = "checkpoint_step_"
 
 
 @dataclass
@@ -49,3 +54,42 @@ def load_train_state(directory: Path, optimizer, scheduler) -> TrainState:
     name, keys, *rest = data["numpy_rng"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     return read_state(directory)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record every file of a finished checkpoint folder; call it last."""
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS_FILE}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checksum_sizes(raw: bytes) -> dict[str, int]:
+    """{relative path: bytes} from a checksums.json; ValueError if it is not one."""
+    files = json.loads(raw)["files"]
+    return {name: int(entry["bytes"]) for name, entry in files.items()}
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None if the local checkpoint folder matches its checksums, else what is wrong (one line)."""
+    listing = directory / CHECKSUMS_FILE
+    if not listing.is_file():
+        return f"{directory.name}: no {CHECKSUMS_FILE} (the checkpoint was not finished)"
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"{directory.name}: unreadable {CHECKSUMS_FILE} ({exc})"
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{directory.name}: {name} is missing"
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            return f"{directory.name}: {name} does not match its checksum (truncated or changed)"
+    return None

@@ -7,8 +7,12 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -223,3 +227,82 @@ def test_cached_epochs_replay_the_split_in_new_orders(shards, micro_model, tmp_p
     assert keys(prepared.replayed_epochs(1, 5, 1)) == resumed
     streaming = dataclasses.replace(stream, config=dataclasses.replace(cfg, cache_decoded=False))
     assert streaming.prepared() is streaming  # nothing decoded ahead without the cache
+
+
+def pretrain_command(shards, micro_model, mlflow_uri, tmp_path, steps: int) -> list[str]:
+    sets = [f"data.train={shards}", f"model.name={micro_model}", f"mlflow.tracking_uri={mlflow_uri}",
+            f"train.storage={tmp_path / 'runs'}", "train.batch_size=8", "train.log_every=2",
+            "train.checkpoint_every=4", "eval.enabled=false", "optim.warmup_steps=2",
+            "mlflow.registered_model=", "mlflow.experiment=pretrain-tests", f"train.steps={steps}",
+            "train.run_name=preempted"]
+    return [str(Path(sys.executable).parent / "raybind"), "pretrain", "--json",
+            *(a for item in sets for a in ("--set", item))]
+
+
+def kill_processes_under(folder: Path) -> None:
+    """What a killed driver left of its own Ray cluster (processes started in its Ray temp folder)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(folder).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                continue
+
+
+def test_a_killed_driver_resumes_without_surprises(shards, micro_model, mlflow_server, tmp_path):
+    """The driver's whole process group is SIGKILLed after step 6 (checkpoint at 4); the same command
+    again resumes from step 4, logs no step twice, and the run says what happened. Then the newest
+    checkpoint is truncated: a longer run skips it with a warning. The same command once more says
+    the run is finished and changes nothing."""
+    home = Path(tempfile.mkdtemp(prefix="rbkill-", dir="/tmp"))  # short: Ray's socket paths live below it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAYBIND_HOME=str(home), PYTHONUNBUFFERED="1")
+    command = pretrain_command(shards, micro_model, mlflow_server, tmp_path, steps=12)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    started, lines = time.monotonic(), []
+    try:
+        for line in driver.stderr:
+            lines.append(line)
+            if "step 6/12" in line or time.monotonic() - started > 300:
+                break
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_processes_under(home)
+    said = "".join(lines)
+    assert "step 6/12" in said, said[-3000:]
+    assert "MLflow run " in said and "checkpoints in " in said  # told before it was killed
+    c = client(mlflow_server)
+    run_id = said.split("MLflow run ", 1)[1].split()[0]
+    assert c.get_run(run_id).info.status == "RUNNING"  # nothing could end it
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["mlflow_run_id"] == run_id and summary["steps"] == 12
+    assert "resumed at step 4" in again.stderr and "(replayed after a restart" in again.stderr
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raybind.interrupted_attempts"] == "1"
+    for metric in ("train/loss", "train/lr", "train/samples_seen"):
+        steps = [m.step for m in c.get_metric_history(run_id, metric)]
+        assert steps == [2, 4, 6, 8, 10, 12], (metric, steps)  # no step twice
+
+    run_dir = Path(summary["storage"])
+    newest = run_dir / "checkpoint_step_00000012" / "model" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    longer = subprocess.run(pretrain_command(shards, micro_model, mlflow_server, tmp_path, steps=14),
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "skipping checkpoint" in longer.stderr and "checkpoint_step_00000012" in longer.stderr
+    assert "resumed at step 8" in longer.stderr and json.loads(longer.stdout)["steps"] == 14
+
+    before = c.get_run(run_id)
+    same = subprocess.run(pretrain_command(shards, micro_model, mlflow_server, tmp_path, steps=14),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert json.loads(same.stdout)["status"] == "already finished" and "nothing to do" in same.stderr
+    after = c.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    shutil.rmtree(home, ignore_errors=True)
