@@ -185,17 +185,39 @@ def get_tokenizer():
 
     When open_clip is not imported yet, its tokenizer module is loaded on its own: importing the
     `open_clip` package also imports torchvision and every model definition (~6 s of CPU in each
-    Ray worker here), and the tokenizer needs none of it (same file, same vocabulary, same ids)."""
+    Ray worker here), and the tokenizer needs none of it (same file, same vocabulary, same ids).
+
+    Its word cache is bounded: SimpleTokenizer memoises every word it ever saw in a dict that never
+    shrinks, so a stream of distinct words (random strings sent to a server) grew a process by about
+    1.2 MB per request. Here its dict keeps only the special tokens, and an LRU of `bpe.cache_parameters()
+    ["maxsize"]` words of up to 64 bytes memoises the rest (longer words are rare and the costliest
+    to keep); `bpe.cache_info()` reports its size. The ids are unchanged."""
     if "open_clip.tokenizer" in sys.modules:
-        return sys.modules["open_clip.tokenizer"].SimpleTokenizer()
-    package = importlib.util.find_spec("open_clip")  # locates the package without importing it
-    if package is None or not package.submodule_search_locations:
-        raise ImportError("open_clip (open_clip_torch) is required for text tokenization")
-    path = os.path.join(list(package.submodule_search_locations)[0], "tokenizer.py")
-    spec = importlib.util.spec_from_file_location("_raybind_open_clip_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
+        tokenizer = sys.modules["open_clip.tokenizer"].SimpleTokenizer()
+    else:
+        package = importlib.util.find_spec("open_clip")  # locates the package without importing it
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("open_clip (open_clip_torch) is required for text tokenization")
+        path = os.path.join(list(package.submodule_search_locations)[0], "tokenizer.py")
+        spec = importlib.util.spec_from_file_location("_raybind_open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tokenizer = module.SimpleTokenizer()
+
+    class SpecialTokensOnly(dict):
+        def __setitem__(self, key, value):  # bpe() stores each new word here: the LRU below does
+            pass
+
+    tokenizer.cache = SpecialTokensOnly(tokenizer.cache)
+    compute = tokenizer.bpe
+    cached = functools.lru_cache(maxsize=16384)(compute)  # ~10 MB at most with 64-byte words
+
+    def bpe(token: str) -> str:
+        return cached(token) if len(token) <= 64 else compute(token)
+
+    bpe.cache_info, bpe.cache_parameters, bpe.cache_clear = cached.cache_info, cached.cache_parameters, cached.cache_clear
+    tokenizer.bpe = bpe
+    return tokenizer
 
 
 def tokenize(texts: list[str] | tuple[str, ...], context_length: int,

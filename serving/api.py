@@ -2,7 +2,8 @@
 `Services` (Serve deployment handles in production, local-testing-mode handles in tests).
 
 Routes: POST /v1/embed, POST /v1/zero-shot, POST /v1/search, GET /v1/model (all Bearer-token
-protected), GET /healthz, GET /readyz, GET /metrics, and the OpenAPI docs at /docs.
+protected), GET /healthz, GET /readyz, GET /metrics, and the OpenAPI schema at /openapi.json
+(the interactive pages /docs and /redoc only with `gateway.interactive_docs`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from serving import openapi
 from serving.auth import check_bearer
-from serving.errors import ApiError, install_handlers
-from serving.inputs import Item, body_kind, form_split, json_item, parse_json, read_body, read_form, validate
+from serving.errors import ApiError, install_handlers, public_text
+from serving.inputs import (
+    Item,
+    body_kind,
+    check_text,
+    form_split,
+    json_item,
+    parse_json,
+    read_body,
+    read_form,
+    validate,
+)
 from serving.metrics import RequestMetrics, Timer
 from serving.schemas import (
     EmbedIn,
@@ -120,6 +131,9 @@ async def one_item_request(request: Request, limits: Limits, json_model: type, o
 def zero_shot_prompts(opts: ZeroShotOptions, limits: Limits) -> list[str]:
     if len(opts.labels) > limits.max_labels:
         raise ApiError(413, "too_many_labels", f"labels: {len(opts.labels)} > limit {limits.max_labels}", "labels")
+    for i, label in enumerate(opts.labels):  # labels and template are echoed in the response
+        check_text(label, f"labels[{i}]")
+    check_text(opts.template, "template")
     too_long = [i for i, label in enumerate(opts.labels) if len(label) > limits.max_text_chars]
     if too_long or len(opts.template) > limits.max_text_chars:
         field = f"labels[{too_long[0]}]" if too_long else "template"
@@ -141,7 +155,10 @@ def rank_labels(labels: list[str], scores: list[float], scale: float, top_k: int
 
 # ----------------------------------------------------------------------------- the app
 def build_api(services: Services) -> FastAPI:
-    app = FastAPI(title="raybind", version="1", description=openapi.DESCRIPTION)
+    # Swagger UI and ReDoc pages load their scripts from a public CDN: off unless asked for.
+    docs = services.config.interactive_docs
+    app = FastAPI(title="raybind", version="1", description=openapi.DESCRIPTION,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     install_handlers(app)
     async def authorized(request: Request, _: HTTPAuthorizationCredentials | None = BEARER) -> None:
         check_bearer(request.headers.get("authorization"), services.token)
@@ -175,17 +192,36 @@ def add_probe_routes(app: FastAPI, services: Services) -> None:
 
 
 def readiness(model: Any, index: Any) -> dict:
+    """The unauthenticated readiness body: states and reasons in fixed words. Error details (which
+    can name files and hosts) are only in the authenticated /v1/model and the replicas' logs."""
     model_ok = isinstance(model, dict) and model["ready"]
     index_ok = isinstance(index, dict) and (index["ready"] or not index["configured"])
     info = model["model"] if model_ok else None
     summary = index.get("index") if isinstance(index, dict) else None
     return {"ready": bool(model_ok and index_ok),
             "model": {"loaded": bool(model_ok), "name": info and info["name"], "version": info and info["version"],
-                      "last_error": model.get("last_error", "") if isinstance(model, dict) else str(model)},
+                      "last_error": model_reason(model)},
             "index": {"configured": bool(isinstance(index, dict) and index["configured"]),
                       "loaded": bool(summary), "rows": summary and summary["rows"],
                       "matches_model": bool(summary and info and index_matches(summary, info)),
-                      "last_error": index.get("last_error", "") if isinstance(index, dict) else str(index)}}
+                      "last_error": index_reason(index)}}
+
+
+def model_reason(model: Any) -> str:
+    if not isinstance(model, dict):
+        return "the Embedder did not answer"
+    if model["ready"]:
+        return "a model reload failed; still serving the loaded model" if model.get("last_error") else ""
+    return "the model failed to load" if model.get("last_error") else "the model is loading"
+
+
+def index_reason(index: Any) -> str:
+    if not isinstance(index, dict):
+        return "the Searcher did not answer"
+    if not index.get("last_error"):
+        return "" if index["ready"] or not index["configured"] else "the index is loading"
+    reason = index.get("reason") or "the index could not be loaded"
+    return f"an index reload failed ({reason}); still serving the loaded index" if index["ready"] else reason
 
 
 def index_matches(summary: dict, model: dict) -> bool:
@@ -199,8 +235,8 @@ def add_v1_routes(app: FastAPI, services: Services, auth: Any) -> None:
     async def model_info() -> dict:
         model, index = await asyncio.gather(call(services.embedder.info, timeout=timeout),
                                             call(services.searcher.info, timeout=timeout))
-        return {**(model["model"] or {}), "last_error": model["last_error"], "batching": model["batching"],
-                "refresh_s": model["refresh_s"], "index": index["index"]}
+        return {**(model["model"] or {}), "last_error": public_text(model["last_error"]),
+                "batching": model["batching"], "refresh_s": model["refresh_s"], "index": index["index"]}
 
     @app.post("/v1/embed", dependencies=[auth], response_model=EmbedOut, responses=ERRORS,
               openapi_extra=openapi.body("EmbedIn", openapi.EMBED_FORM), summary="embed text / image / audio / video")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import stat
 from pathlib import Path
 
 from serving.errors import ApiError
@@ -16,10 +17,26 @@ class TokenError(RuntimeError):
     """No usable token: the gateway refuses to start (fail closed, never serve unauthenticated)."""
 
 
+class TokenFileModeError(TokenError, ValueError):
+    """The token file is open to other users: a usage error, which the CLI reports in one line."""
+
+
+def check_token_file(path: Path) -> None:
+    """Refuse a token file that group or others can open: anyone on the machine could use the token."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # reading it reports the problem
+    if mode & 0o077:
+        raise TokenFileModeError(f"token file {path} is open to group or others (mode "
+                                 f"{stat.S_IMODE(mode):04o}); run `chmod 600 {path}`")
+
+
 def load_token(token_file: str, token_env: str) -> str:
     """The token from `token_file` when given, else from `$token_env`."""
     if token_file:
         path = Path(token_file).expanduser()
+        check_token_file(path)
         try:
             token = path.read_text().strip()
         except OSError as exc:

@@ -25,7 +25,8 @@ from ray import serve
 from models.decode import DecodeError, DecodeLimits, decode_member, tokenize
 from models.spec import MODALITIES
 from serving import media_guard
-from serving.inputs import Item
+from serving.errors import public_text
+from serving.inputs import Item, is_valid_text
 from serving.model_source import ModelRef, describe, fetch_and_load, resolve
 from serving.settings import EmbedderConfig
 
@@ -49,8 +50,12 @@ class Loaded:
 @dataclass(frozen=True)
 class ItemError:
     field: str
-    reason: str  # models.decode.REASONS key, or unsupported_modality / undecodable
+    reason: str  # models.decode.REASONS key, or unsupported_modality / undecodable / non_finite
     detail: str
+
+
+def non_finite(item: Item, what: str) -> ItemError:
+    return ItemError(item.field, "non_finite", f"the {item.modality} {what} NaN or infinite values")
 
 
 def forward(model: Any, modality: str, x: np.ndarray) -> np.ndarray:
@@ -59,14 +64,19 @@ def forward(model: Any, modality: str, x: np.ndarray) -> np.ndarray:
 
 
 def decode_item(item: Item, spec: Any, limits: DecodeLimits) -> np.ndarray | ItemError:
-    """Runs in a decode thread. Any failure of the decoders is the item's error, never the replica's."""
+    """Runs in a decode thread. Any failure of the decoders is the item's error, never the replica's.
+    Decoder messages name their input by repr (`<_io.BytesIO object at 0x...>`): cleaned here."""
     try:
         media_guard.check(item.modality, item.data, item.ext, limits)
-        return decode_member(item.modality, item.ext, item.data, spec, limits)
+        x = decode_member(item.modality, item.ext, item.data, spec, limits)
     except DecodeError as exc:
-        return ItemError(item.field, exc.reason, exc.detail[:300])
+        return ItemError(item.field, exc.reason, public_text(exc.detail, 300))
     except Exception as exc:  # a decoder bug on hostile bytes must stay a 4xx for this item
-        return ItemError(item.field, "undecodable", f"{type(exc).__name__}: {str(exc)[:300]}")
+        return ItemError(item.field, "undecodable", public_text(f"{type(exc).__name__}: {exc}", 300))
+    # A float WAV may hold NaN / inf samples: they would give a NaN embedding, which JSON cannot carry.
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        return non_finite(item, "decodes to")
+    return x
 
 
 class EmbedderCore:
@@ -176,6 +186,8 @@ class EmbedderCore:
                              f"model {state.ref.name} encodes {list(state.model.modalities)}")
         spec = state.model.config.inputs
         if item.modality == "text":
+            if not is_valid_text(item.text):  # the Gateway refuses these; other callers might not
+                return ItemError(item.field, "invalid_text", "not valid Unicode text")
             return tokenize([item.text], spec.context_length, spec.tokenizer)[0]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._decode_pool, decode_item, item, spec, limits)
@@ -193,6 +205,10 @@ class EmbedderCore:
         if errors:
             return {"errors": [e.__dict__ for e in errors], "model": state.info}
         vectors = await asyncio.gather(*(self._queues[item.modality]((state, x)) for item, x in zip(items, decoded, strict=True)))
+        errors = [non_finite(item, "input's embedding has") for item, v in zip(items, vectors, strict=True)
+                  if not np.isfinite(v).all()]
+        if errors:  # finite inputs at the edge of float32's range can still overflow in the model
+            return {"errors": [e.__dict__ for e in errors], "model": state.info}
         return {"embeddings": np.stack(vectors), "model": state.info}
 
     async def zero_shot(self, item: Item, prompts: list[str], limits: DecodeLimits) -> dict:
@@ -206,6 +222,8 @@ class EmbedderCore:
         text_queue = self._queues["text"]
         vectors = await asyncio.gather(self._queues[item.modality]((state, decoded)),
                                        *(text_queue((state, row)) for row in tokens))
+        if not np.isfinite(vectors[0]).all():
+            return {"errors": [non_finite(item, "input's embedding has").__dict__], "model": state.info}
         scores = np.stack(vectors[1:]) @ vectors[0]
         return {"scores": scores.tolist(), "logit_scale": state.logit_scale, "model": state.info}
 

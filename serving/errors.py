@@ -1,12 +1,15 @@
 """One JSON error shape for every failure: `{"error": {"code", "field", "message"}}`.
 
 Every handler here turns an exception into a response, so no request can take a replica down:
-unexpected exceptions become a logged 500, never a crashed process.
+unexpected exceptions become a logged 500, never a crashed process. Every message and field goes
+through `public_text` on its way out, so no response shows server paths, heap addresses or text
+that cannot be encoded.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +18,30 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ray.serve")
+
+# `<_io.BytesIO object at 0x7f...>` and the like: decoders put their input's repr in messages.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
+# file:// and sqlite:/// URIs, then absolute paths: a "/" that starts a word (not the one in
+# "application/json", "models:/name" or "s3://bucket/key").
+_FILE_URI = re.compile(r"\b(?:file|sqlite):/+[^\s'\"<>(),;]*")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/@\\…-])/[^\s'\"<>(),;:/]+(?:/[^\s'\"<>(),;:/]*)*")
+
+
+def _last_part(match: re.Match) -> str:
+    parts = [p for p in match.group(0).split("/") if p]
+    return f"…/{parts[-1]}" if parts else "…"
+
+
+def public_text(text: str, limit: int = 500) -> str:
+    """`text` fit for a response: object reprs and heap addresses removed, absolute server paths
+    shortened to their last part (`…/shapesworld`), lone surrogates escaped, at most `limit` chars."""
+    text = _OBJECT_REPR.sub("the input", str(text))
+    text = _ADDRESS.sub("0x…", text)
+    text = _FILE_URI.sub(_last_part, text)
+    text = _ABSOLUTE_PATH.sub(_last_part, text)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class ApiError(Exception):
@@ -29,8 +56,9 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "field": field, "message": message}},
-                        status_code=status, headers=headers)
+    body = {"code": code, "field": None if field is None else public_text(field, 200),
+            "message": public_text(message, 1000)}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def field_path(loc: tuple) -> str:

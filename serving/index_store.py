@@ -5,6 +5,11 @@ Format ("raybind-index/1"): `*.parquet` files with columns key, modality, embedd
 float32, L2-normalised), caption, shard, url, labels (JSON object as a string), and `index.json`
 with the model the embeddings came from. Exact search is one matrix-vector product and an
 argpartition (O(N·D), ~1 ms per 100k x 64 rows here); `faiss-hnsw` is the optional ANN backend.
+
+What clients see carries no server paths: a hit's `uri` is the row's URL when it is a remote one
+(`s3://bucket/ds/shard-000001.tar#000000040`, a sample's own https URL) and, for local data, its
+path relative to the data set folder (`shard-000001.tar#000000040`); the summary names the index
+folder by its last part only.
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ META_FILE = "index.json"
 
 
 class IndexLoadError(RuntimeError):
-    """The index folder is missing, empty or not in the expected format."""
+    """The index folder is missing, empty or not in the expected format; `reason` says which in
+    words that name no path (what the unauthenticated /readyz shows)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+NO_INDEX = "no index at the configured index_path (build one with `raybind index build`)"
+NOT_AN_INDEX = f"the folder at the configured index_path is not a {FORMAT} index"
 
 
 @dataclass
@@ -29,7 +43,7 @@ class ModalityIndex:
     keys: list[str]
     captions: list[str]
     shards: list[str]
-    urls: list[str]
+    uris: list[str]  # public locations (see public_uri), never server paths
     labels: list[str]  # JSON strings, parsed only for returned hits
     ann: Any = None  # a faiss index when the ANN backend is on
 
@@ -44,7 +58,7 @@ class VectorIndex:
         return int(self.meta.get("embed_dim", 0))
 
     def summary(self) -> dict:
-        return {"path": self.meta.get("path", ""), "model_name": self.meta.get("model_name", ""),
+        return {"name": self.meta.get("name", ""), "model_name": self.meta.get("model_name", ""),
                 "model_version": str(self.meta.get("model_version", "")), "embed_dim": self.dim,
                 "rows": {m: len(p.keys) for m, p in self.parts.items()},
                 "backend": {m: ("faiss-hnsw" if p.ann is not None else "exact") for m, p in self.parts.items()}}
@@ -70,22 +84,55 @@ def load_index(path: str) -> VectorIndex:
             meta = json.loads(f.read())
         files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                  if i.is_file and i.path.endswith(".parquet")]
+    except FileNotFoundError as exc:
+        raise IndexLoadError(f"{path}: not a raybind index ({exc})", NO_INDEX) from None
     except (OSError, ValueError) as exc:
-        raise IndexLoadError(f"{path}: not a raybind index ({exc})") from None
-    if meta.get("format") != FORMAT or not files:
-        raise IndexLoadError(f"{path}: expected format {FORMAT} with Parquet files, got {meta.get('format')!r}, "
-                          f"{len(files)} files")
+        raise IndexLoadError(f"{path}: not a raybind index ({exc})", NOT_AN_INDEX) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not files:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise IndexLoadError(f"{path}: expected format {FORMAT} with Parquet files, got {found!r}, "
+                             f"{len(files)} files", NOT_AN_INDEX)
     table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in sorted(files)])
-    meta = {**meta, "path": path}
+    meta = {**meta, "name": path.rstrip("/").rsplit("/", 1)[-1]}
     index = VectorIndex(meta)
+    data_root = dataset_root(str(meta.get("data", "")))
     modalities = table.column("modality").to_pylist()
     for modality in sorted(set(modalities)):
         rows = np.flatnonzero(np.asarray(modalities) == modality)
-        index.parts[modality] = modality_part(table.take(pa.array(rows)), int(meta["embed_dim"]))
+        index.parts[modality] = modality_part(table.take(pa.array(rows)), int(meta["embed_dim"]), data_root)
     return index
 
 
-def modality_part(table, dim: int) -> ModalityIndex:
+def dataset_root(data: str) -> str:
+    """The local folder of the data set an index was built from (`index.json`'s `data`: a folder,
+    a manifest / shard file or a glob), "" when it is remote or unknown."""
+    if not data or ("://" in data and not data.startswith("file://")):
+        return ""
+    root = data[len("file://"):] if data.startswith("file://") else data
+    cut = min((root.index(c) for c in "*?[{" if c in root), default=None)
+    if cut is not None:
+        root = root[:cut].rsplit("/", 1)[0]
+    elif root.endswith((".json", ".tar")):
+        root = root.rsplit("/", 1)[0]
+    return root.rstrip("/")
+
+
+def public_uri(url: str, data_root: str) -> str:
+    """A row's location as clients may see it: remote URLs as they are; local paths relative to the
+    data set folder (or, outside it, the file's own name), never an absolute server path."""
+    if not url:
+        return ""
+    if "://" in url and not url.startswith("file://"):
+        return url  # s3://bucket/..., https://...: the data set's public address
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not path.startswith("/"):
+        return path
+    if data_root.startswith("/") and path.startswith(data_root + "/"):
+        return path[len(data_root) + 1:]
+    return path.rsplit("/", 1)[-1]
+
+
+def modality_part(table, dim: int, data_root: str = "") -> ModalityIndex:
     column = table.column("embedding").combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if values.size != len(table) * dim:
@@ -94,8 +141,11 @@ def modality_part(table, dim: int) -> ModalityIndex:
     text = {name: [v or "" for v in table.column(name).to_pylist()] for name in ("key", "caption", "shard", "url", "labels")
             if name in table.column_names}
     n = len(table)
-    return ModalityIndex(vectors, text["key"], text.get("caption", [""] * n), text.get("shard", [""] * n),
-                         text.get("url", [""] * n), text.get("labels", ["{}"] * n))
+    # `shard` holds shard names; an index whose writer put paths there is shortened the same way.
+    shards = [public_uri(shard, data_root) for shard in text.get("shard", [""] * n)]
+    uris = [public_uri(url, data_root) for url in text.get("url", [""] * n)]
+    return ModalityIndex(vectors, text["key"], text.get("caption", [""] * n), shards, uris,
+                         text.get("labels", ["{}"] * n))
 
 
 def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +182,7 @@ def ann_top_k(ann, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def search(part: ModalityIndex, query: np.ndarray, k: int) -> list[dict]:
     ids, scores = ann_top_k(part.ann, query, k) if part.ann is not None else exact_top_k(part.vectors, query, k)
     return [{"rank": r + 1, "key": part.keys[i], "score": round(float(s), 6), "caption": part.captions[i],
-             "shard": part.shards[i], "url": part.urls[i], "labels": parse_labels(part.labels[i])}
+             "shard": part.shards[i], "uri": part.uris[i], "labels": parse_labels(part.labels[i])}
             for r, (i, s) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True))]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from serving.errors import ApiError, validation_error
 from serving.schemas import ItemIn
 from serving.settings import Limits
 
+# A JSON escape that can produce a surrogate code point: only bodies holding one are walked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MIME_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "audio/wav": "wav",
             "audio/x-wav": "wav", "audio/wave": "wav", "audio/flac": "flac", "audio/ogg": "ogg",
             "audio/mpeg": "mp3", "audio/mp4": "m4a", "video/mp4": "mp4", "video/webm": "webm",
@@ -79,7 +82,58 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {str(exc)[:200]}", "body") from None
     if not isinstance(data, dict):
         raise ApiError(400, "malformed_json", f"body must be a JSON object, got {type(data).__name__}", "body")
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            where = invalid_text_path(data)
+        except RecursionError:
+            raise ApiError(400, "malformed_json", "body is nested too deeply", "body") from None
+        if where is not None:
+            raise invalid_text(where)
     return data
+
+
+def is_valid_text(text: str) -> bool:
+    """False for strings that are not Unicode text: JSON's `"\\ud800"` decodes to a lone surrogate,
+    which can be neither tokenized nor written back into a UTF-8 response."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def invalid_text(field: str) -> ApiError:
+    # The value itself is never echoed: it is exactly what cannot be encoded.
+    return ApiError(422, "invalid_text", f"{field}: not valid Unicode text (it holds a lone UTF-16 "
+                    "surrogate); send UTF-8 text", field)
+
+
+def check_text(text: str, field: str) -> str:
+    if not is_valid_text(text):
+        raise invalid_text(field)
+    return text
+
+
+def invalid_text_path(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON body the first invalid string sits ("items[0].text", "labels[2]"),
+    in the field-path form of error messages; a bad key is reported at its object."""
+    if isinstance(value, str):
+        return None if is_valid_text(value) else (path or "body")
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not is_valid_text(key):
+                return path or "body"
+            found = invalid_text_path(child, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            found = invalid_text_path(child, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
@@ -147,6 +201,7 @@ def form_item(modality: str, value: str | bytes, hint: str, field: str, limits: 
 
 # ----------------------------------------------------------------------------- items
 def text_item(text: str, field: str, limits: Limits) -> Item:
+    check_text(text, field)
     if not text.strip():
         raise ApiError(422, "empty_text", f"{field}: text must not be empty", field)
     if len(text) > limits.max_text_chars:

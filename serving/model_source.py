@@ -93,7 +93,9 @@ def fetch_and_load(ref: ModelRef, tracking_uri: str = ""):
 
 
 def describe(ref: ModelRef, model, generation: int) -> dict:
-    """What /v1/model and every response report about the model in memory."""
-    return {"name": ref.name, "version": ref.version, "alias": ref.alias, "uri": ref.uri, "run_id": ref.run_id,
+    """What /v1/model and every response report about the model in memory. A local folder is
+    reported by its name: its absolute path is the server's business, not the client's."""
+    uri = ref.name if ref.local_dir else ref.uri
+    return {"name": ref.name, "version": ref.version, "alias": ref.alias, "uri": uri, "run_id": ref.run_id,
             "embed_dim": int(model.embed_dim), "modalities": list(model.modalities),
             "loaded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "generation": generation}

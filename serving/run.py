@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from serving.auth import check_token_file
 from serving.settings import AppArgs
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -26,9 +27,25 @@ class ServeDeployError(RuntimeError):
     """An application did not reach RUNNING (the message carries Serve's reason, e.g. no token)."""
 
 
+DEFAULT_HOME = ".raybind"
+
+
 def work_home() -> Path:
     """The work folder (`.raybind/` or $RAYBIND_HOME), as pipelines/core/workspace.py defines it."""
-    return Path(os.environ.get("RAYBIND_HOME", ".raybind")).resolve()
+    return Path(os.environ.get("RAYBIND_HOME", DEFAULT_HOME)).resolve()
+
+
+def in_work_home(path: str) -> str:
+    """A config file's path made absolute: relative paths name files in the work folder (where
+    `raybind index build` and the demo write), whatever the current folder. A leading `.raybind/`
+    names the default work folder, so it follows $RAYBIND_HOME as well."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return str(given.resolve())
+    parts = given.parts
+    if parts and parts[0] == DEFAULT_HOME:
+        given = Path(*parts[1:]) if len(parts) > 1 else Path()
+    return str((work_home() / given).resolve())
 
 
 def default_tracking_uri() -> str:
@@ -37,15 +54,19 @@ def default_tracking_uri() -> str:
 
 def ensure_token_file(gateway: dict) -> str:
     """Where the token comes from. Without a token file or variable, one is generated into
-    <work folder>/serve/token (mode 0600), so a fresh `raybind serve` is protected, not open."""
+    <work folder>/serve/token (mode 0600), so a fresh `raybind serve` is protected, not open.
+    A token file that group or others can read is refused here, before anything starts."""
     env = gateway.get("token_env", "RAYBIND_SERVE_TOKEN")
     if gateway.get("token_file"):
-        gateway["token_file"] = str(Path(gateway["token_file"]).expanduser().resolve())
+        gateway["token_file"] = in_work_home(gateway["token_file"])
+        check_token_file(Path(gateway["token_file"]))
         return f"file {gateway['token_file']}"
     if os.environ.get(env):
         return f"${env}"
     path = work_home() / "serve" / "token"
-    if not path.is_file():
+    if path.is_file():
+        check_token_file(path)
+    else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(32) + "\n")
@@ -55,8 +76,8 @@ def ensure_token_file(gateway: dict) -> str:
 
 def localize(config: dict) -> dict[str, str]:
     """Absolute paths and a concrete tracking URI in every raybind application of the config
-    (replicas do not share the caller's working directory or environment). Returns where each
-    application's token comes from."""
+    (replicas do not share the caller's working directory or environment); relative paths resolve
+    against the work folder (see `in_work_home`). Returns where each application's token comes from."""
     token_sources = {}
     for app in config.get("applications", []):
         if app.get("import_path") != "serving.app:build_app":
@@ -78,13 +99,13 @@ def localize_embedder(user: dict) -> None:
     user["tracking_uri"] = user.get("tracking_uri") or default_tracking_uri()
     uri = user.get("model_uri", "")
     if uri and not uri.startswith("models:/") and "://" not in uri:
-        user["model_uri"] = str(Path(uri).expanduser().resolve())
+        user["model_uri"] = in_work_home(uri)
 
 
 def localize_searcher(user: dict) -> None:
     path = user.get("index_path", "")
     if path and "://" not in path:
-        user["index_path"] = str(Path(path).expanduser().resolve())
+        user["index_path"] = in_work_home(path)
 
 
 def start_ray() -> bool:
@@ -136,10 +157,17 @@ def deploy(config: dict) -> dict[str, str]:
     return wait_running([app.name for app in schema.applications])
 
 
-def usage(url: str, token_source: str) -> str:
+def docs_path(app: dict) -> str:
+    """Where an application documents its API: the interactive page when the config turns it on,
+    else the OpenAPI schema."""
+    gateway = (app.get("args") or {}).get("gateway") or {}
+    return "/docs" if gateway.get("interactive_docs") else "/openapi.json"
+
+
+def usage(url: str, token_source: str, docs: str = "/openapi.json") -> str:
     token = f"$(cat {token_source.split()[1]})" if token_source.startswith("file") else token_source
     return "\n".join([
-        f"raybind serving at {url}  (OpenAPI docs: {url}/docs)",
+        f"raybind serving at {url}  (API docs: {url}{docs})",
         f"token: {token_source}",
         f'  curl -s {url}/v1/embed -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\',
         '       -d \'{"items": [{"modality": "text", "text": "a small red circle moving left"}]}\'',
@@ -158,9 +186,10 @@ def serve_from_config(path: str, blocking: bool | None = None) -> dict[str, Any]
     http = config["http_options"]
     urls = {app["name"]: f"http://{http['host']}:{http.get('port', 8000)}{app.get('route_prefix', '/').rstrip('/')}"
             for app in config["applications"]}
+    docs = {app["name"]: docs_path(app) for app in config["applications"]}
     for name, url in urls.items():
-        print(usage(url, token_sources.get(name, "$RAYBIND_SERVE_TOKEN")), flush=True)
-    summary = {"job": "serve", "urls": urls, "docs": {n: u + "/docs" for n, u in urls.items()}, "status": states,
+        print(usage(url, token_sources.get(name, "$RAYBIND_SERVE_TOKEN"), docs[name]), flush=True)
+    summary = {"job": "serve", "urls": urls, "docs": {n: u + docs[n] for n, u in urls.items()}, "status": states,
                "token": token_sources, "config": str(path)}
     if blocking if blocking is not None else owns_cluster:
         wait_for_interrupt()

@@ -117,7 +117,9 @@ class Hit(BaseModel):
     score: float
     caption: str
     shard: str
-    url: str
+    uri: str = Field(description="where the sample lives: the shard URL and key for remote data sets "
+                     "(s3://bucket/set/shard-000001.tar#000000040), the location inside the data set for "
+                     "local ones (shard-000001.tar#000000040)")
     labels: dict[str, str] = {}
 
 

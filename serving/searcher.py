@@ -1,7 +1,8 @@
 """The search deployment: holds the index in memory and answers top-k queries for a query vector.
 
 A new `index_path` in user_config loads the new index in a thread while the old one keeps
-answering, then swaps; a failed load keeps the old index and is reported in `info()`.
+answering, then swaps; a failed load keeps the old index and is reported in `info()`: the full
+error as `last_error` (for the log), and as `reason` in words that name no path (for clients).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class SearcherCore:
         self._index: index_store.VectorIndex | None = None
         self._config: SearcherConfig | None = None
         self._last_error = ""
+        self._reason = ""
 
     async def reconfigure(self, user_config: dict | None) -> None:
         cfg = SearcherConfig.model_validate(user_config or {})
@@ -41,12 +43,13 @@ class SearcherCore:
                 (cfg.index_path, cfg.ann, cfg.hnsw_m, cfg.hnsw_ef_search):
             return
         if not cfg.index_path:
-            self._index = None
+            self._index, self._last_error, self._reason = None, "", ""
             return
         try:
             index = await asyncio.to_thread(load_with_backend, cfg)
         except Exception as exc:
             self._last_error = f"{cfg.index_path}: {exc}"
+            self._reason = getattr(exc, "reason", "") or f"the index could not be loaded ({type(exc).__name__})"
             if self._index is None and old is None:
                 # No index yet: start anyway (search answers 503, /readyz says why) so a missing
                 # index never keeps the embedding endpoints down.
@@ -54,19 +57,20 @@ class SearcherCore:
                 return
             log.error("index reload failed, keeping the previous one: %s", self._last_error)
             return
-        self._index, self._last_error = index, ""
+        self._index, self._last_error, self._reason = index, "", ""
         log.info("index %s loaded: %s", cfg.index_path, index.summary()["rows"])
 
     def info(self) -> dict:
         cfg = self._config
         return {"configured": bool(cfg and cfg.index_path), "ready": self._index is not None,
-                "index": self._index.summary() if self._index else None, "last_error": self._last_error}
+                "index": self._index.summary() if self._index else None, "last_error": self._last_error,
+                "reason": self._reason}
 
     def search(self, query: np.ndarray, target: str, k: int) -> dict:
         """{"index": summary, "results": [...]} or {"error": (code, message)} for the gateway to map."""
         index = self._index
         if index is None:
-            return {"error": ("index_not_loaded", self._last_error or "no index configured")}
+            return {"error": ("index_not_loaded", self._reason or "no index configured")}
         if query.shape != (index.dim,):
             return {"error": ("index_model_mismatch",
                               f"query has dimension {query.shape[0]}, the index {index.dim}: rebuild the index "

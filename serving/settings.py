@@ -42,13 +42,21 @@ class Limits(Strict):
 
 
 class GatewayConfig(Strict):
-    """Auth and limits of the HTTP ingress. The token itself never sits in a config file: it comes
-    from `token_file` (if set) or the environment variable `token_env` of the replica process."""
+    """Auth, limits and docs of the HTTP ingress.
+
+    The token itself never sits in a config file: it comes from `token_file` (if set; refused when
+    readable by group or others) or the environment variable `token_env` of the replica process.
+
+    `interactive_docs` (default false) serves Swagger UI at /docs and ReDoc at /redoc. They are off
+    by default because both pages load their JavaScript and CSS from a public CDN: blank on a
+    machine without internet access, and third-party code in the browser of whoever opens them.
+    The OpenAPI schema they render is always served at /openapi.json (clients and tests read it)."""
 
     token_env: str = "RAYBIND_SERVE_TOKEN"
     token_file: str = ""
     limits: Limits = Field(default_factory=Limits)
     backend_timeout_s: float = Field(60.0, gt=0)  # a stuck model call becomes 504, never a hung client
+    interactive_docs: bool = False
 
 
 class BatchConfig(Strict):

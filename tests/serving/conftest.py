@@ -64,4 +64,5 @@ def registry(mlflow_server, model_dirs) -> dict:
 def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serving_token") / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)  # the Gateway refuses a token file that others can read
     return path

@@ -25,6 +25,7 @@ def api(ray_cluster, registry, model_dirs, token_file, tmp_path_factory):
     index = write_local_index(model_dirs["trained"], tmp_path_factory.mktemp("local_index") / "index")
     server = LocalServer({"model_uri": registry["champion"], "tracking_uri": registry["tracking_uri"]},
                          {"index_path": str(index)}, {"token_file": str(token_file), "limits": LIMITS})
+    server.searcher_config = {"index_path": str(index)}
     yield server
     server.close()
 
@@ -47,7 +48,9 @@ def test_probes_docs_and_model_info(api, registry):
     assert requests.get(api.url + "/healthz").json() == {"status": "ok"}
     ready = requests.get(api.url + "/readyz").json()
     assert ready["ready"] and ready["model"]["loaded"] and ready["index"]["loaded"], ready
-    assert "swagger" in requests.get(api.url + "/docs").text.lower()
+    # Swagger UI / ReDoc pull scripts from a public CDN: off unless gateway.interactive_docs.
+    assert requests.get(api.url + "/docs").status_code == 404
+    assert requests.get(api.url + "/redoc").status_code == 404
     spec = requests.get(api.url + "/openapi.json").json()
     content = spec["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(content) and "EmbedIn" in spec["components"]["schemas"]
@@ -55,6 +58,8 @@ def test_probes_docs_and_model_info(api, registry):
     assert (info["name"], info["version"], info["alias"]) == (registry["name"], registry["versions"]["trained"],
                                                               "champion")
     assert info["batching"]["text"]["max_batch_size"] == 64 and info["index"]["rows"]["video"] == 24
+    assert info["index"]["name"] == "index" and "path" not in info["index"]  # no server paths
+    assert api.searcher_config["index_path"] not in requests.get(api.url + "/v1/model", headers=auth()).text
 
 
 def test_embed_every_modality_json_and_matches_the_library(api, media, model_dirs):
@@ -115,7 +120,7 @@ def test_search_every_target_json_and_multipart(api, media):
         body = resp.json()
         hits = body["results"]
         assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
-        assert all(h["modality"] == target and h["caption"] and h["labels"]["color"] and h["url"] for h in hits)
+        assert all(h["modality"] == target and h["caption"] and h["labels"]["color"] and h["uri"] for h in hits)
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     files = {"audio": ("a.wav", media["audio"], "audio/wav"), "target": (None, "video"), "k": (None, "3")}
     resp = post(api.url, "/v1/search", files=files)
@@ -199,6 +204,7 @@ def test_malformed_inputs_are_4xx_naming_the_field(api, media):
     for kwargs, status, field in malformed_cases(media):
         resp = post(api.url, "/v1/embed", **kwargs)
         assert error(resp, status)["field"] == field, (kwargs.get("json") or str(kwargs)[:80], resp.text)
+        assert "object at" not in resp.text and "0x7" not in resp.text, resp.text  # no reprs, no addresses
     assert error(post(api.url, "/v1/zero-shot", json={"item": item("text", media), "labels": []}), 422)["field"] == "labels"
     assert error(post(api.url, "/v1/zero-shot", files={"text": (None, "x")}), 422)["field"] == "labels"
     assert error(post(api.url, "/v1/search", json={"query": item("text", media)}), 422)["field"] == "target"
@@ -207,6 +213,53 @@ def test_malformed_inputs_are_4xx_naming_the_field(api, media):
     assert error(requests.get(api.url + "/nope"), 404)["code"] == "not_found"
     assert requests.get(api.url + "/readyz").json()["ready"]
     assert post(api.url, "/v1/embed", json={"items": [item("image", media)]}).status_code == 200
+
+
+def raw_json(text: str) -> dict:
+    """POST kwargs for a JSON body written by hand (requests would escape a lone surrogate itself)."""
+    return {"data": text.encode(), "headers": {"Content-Type": "application/json"}}
+
+
+def test_lone_surrogates_are_422_naming_the_field_and_not_echoed(api):
+    text = '{"modality": "text", "text": "a red \\ud800 circle"}'
+    ok = '{"modality": "text", "text": "a red circle"}'
+    cases = [("/v1/embed", f'{{"items": [{ok}, {text}]}}', "items[1].text"),
+             ("/v1/zero-shot", f'{{"item": {ok}, "labels": ["red", "\\ud800"]}}', "labels[1]"),
+             ("/v1/zero-shot", f'{{"item": {ok}, "labels": ["red"], "template": "a {{}} \\udc00"}}', "template"),
+             ("/v1/zero-shot", f'{{"item": {text}, "labels": ["red"]}}', "item.text"),
+             ("/v1/search", f'{{"query": {text}, "target": "image"}}', "query.text"),
+             ("/v1/embed", f'{{"items": [{ok}], "\\ud800": 1}}', "body")]
+    for path, body, field in cases:
+        resp = post(api.url, path, **raw_json(body))
+        got = error(resp, 422)
+        assert (got["code"], got["field"]) == ("invalid_text", field), (path, resp.text)
+        assert "\\ud8" not in resp.text and "\\udc00" not in resp.text, resp.text  # the value is not echoed
+    resp = post(api.url, "/v1/zero-shot", **raw_json(f'{{"item": {ok}, "labels": ["red \\ud83d\\ude00"]}}'))
+    assert resp.status_code == 200 and resp.json()["labels"][0]["label"] == "red \U0001F600", resp.text
+
+
+def float_wav(value: float, seconds: float = 1.0, rate: int = 16000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    wave = np.zeros(int(seconds * rate), np.float32)
+    wave[rate // 2] = value
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_non_finite_media_is_422_naming_the_item(api, media):
+    for value in (float("nan"), float("inf")):
+        audio = {"modality": "audio", "data": b64(float_wav(value))}
+        cases = [("/v1/embed", {"items": [item("text", media), audio]}, "items[1].data"),
+                 ("/v1/zero-shot", {"item": audio, "labels": ["low", "high"]}, "item.data"),
+                 ("/v1/search", {"query": audio, "target": "image"}, "query.data")]
+        for path, body, field in cases:
+            got = error(post(api.url, path, json=body), 422)
+            assert (got["code"], got["field"]) == ("non_finite", field), (path, got)
+    assert post(api.url, "/v1/embed", json={"items": [{"modality": "audio", "data": b64(float_wav(0.5))}]}).ok
 
 
 def test_metrics_count_endpoint_modality_and_status(api, media):

@@ -125,6 +125,9 @@ def test_search_top_hit_has_the_captions_attributes(served):
         body = resp.json()
         assert "warning" not in body and body["index"]["rows"]["image"] == 96
         assert body["results"][0]["labels"]["color"] == color, (color, body["results"][0])
+        # Locations inside the data set, not the server's paths to the shards or the index.
+        assert all(hit["uri"] == f"{hit['shard']}#{hit['key']}" for hit in body["results"]), body["results"]
+        assert served["index_path"] not in resp.text
         assert sum(hit["labels"]["color"] == color for hit in body["results"]) >= 4
 
 
@@ -132,7 +135,8 @@ def test_every_endpoint_over_the_serve_proxy(served, media, registry):
     url = served["url"]
     ready = requests.get(url + "/readyz", timeout=30).json()
     assert ready["ready"] and ready["index"]["matches_model"], ready
-    assert requests.get(url + "/docs", timeout=30).status_code == 200
+    assert requests.get(url + "/docs", timeout=30).status_code == 404  # off by default
+    assert "/v1/embed" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]
     info = requests.get(url + "/v1/model", headers=auth(), timeout=30).json()
     assert (info["version"], info["alias"]) == (registry["versions"]["trained"], "champion")
     items = [{"modality": "text", "text": "a red circle"}] + [{"modality": m, "data": b64(media[m])}

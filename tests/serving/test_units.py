@@ -34,6 +34,7 @@ def test_bearer_accepts_only_the_exact_token():
 def test_token_from_file_env_and_refusals(tmp_path, monkeypatch):
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
     assert load_token(str(path), "UNUSED_VAR") == TOKEN
     monkeypatch.setenv("RAYBIND_TEST_TOKEN", TOKEN)
     assert load_token("", "RAYBIND_TEST_TOKEN") == TOKEN
@@ -171,7 +172,7 @@ def test_shipped_config_is_a_valid_serve_deploy_file():
     assert SearcherConfig.model_validate(users["Searcher"]).ann == "exact"
 
 
-def test_localize_makes_paths_absolute_and_generates_a_token(tmp_path, monkeypatch):
+def test_localize_resolves_paths_in_the_work_folder_and_generates_a_token(tmp_path, monkeypatch):
     import os
 
     from serving.run import localize
@@ -187,7 +188,7 @@ def test_localize_makes_paths_absolute_and_generates_a_token(tmp_path, monkeypat
     token_file = Path(app["args"]["gateway"]["token_file"])
     assert sources["raybind"].endswith("(generated)") and len(token_file.read_text().strip()) >= 32
     assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
-    assert app["deployments"][0]["user_config"]["index_path"] == str(tmp_path / "idx")
+    assert app["deployments"][0]["user_config"]["index_path"] == str(tmp_path / "home" / "idx")
     assert app["args"]["embedder"]["tracking_uri"] == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("RAYBIND_SERVE_TOKEN", "x" * 20)
     again = {"applications": [{"name": "a", "import_path": "serving.app:build_app"}]}
