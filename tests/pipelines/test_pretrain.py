@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -277,12 +278,18 @@ def test_a_killed_driver_resumes_without_surprises(shards, micro_model, mlflow_s
     c = client(mlflow_server)
     run_id = said.split("MLflow run ", 1)[1].split()[0]
     assert c.get_run(run_id).info.status == "RUNNING"  # nothing could end it
+    # Worker log lines reach the driver with a lag: the workers may have passed the step-8
+    # checkpoint before the kill. What was logged and checkpointed by then is what counts.
+    logged_before = max(m.step for m in c.get_metric_history(run_id, "train/loss"))
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert summary["mlflow_run_id"] == run_id and summary["steps"] == 12
-    assert "resumed at step 4" in again.stderr and "(replayed after a restart" in again.stderr
+    resumed = re.search(r"resumed at step (\d+)", again.stderr)
+    assert resumed and int(resumed.group(1)) in (4, 8), again.stderr[-3000:]
+    if logged_before > int(resumed.group(1)):  # steps logged after that checkpoint ran again
+        assert "(replayed after a restart" in again.stderr
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raybind.interrupted_attempts"] == "1"
     for metric in ("train/loss", "train/lr", "train/samples_seen"):
