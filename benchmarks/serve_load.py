@@ -68,6 +68,7 @@ def prepare(work: Path, samples: int) -> dict[str, str]:
     synthesize(SynthConfig(out=str(work / "data"), samples=samples, shard_size=64))
     build_index(f"models:/{MODEL}@champion", str(work / "data"), str(work / "index"), tracking_uri=uri)
     (work / "token").write_text(TOKEN)
+    (work / "token").chmod(0o600)  # the Gateway refuses a token file others can read
     return {"tracking_uri": uri, "index": str(work / "index"), "token_file": str(work / "token"),
             "data": str(work / "data")}
 

@@ -121,7 +121,7 @@ def results_stream() -> Iterator[IO[str]]:
     try:
         yield result
     finally:
-        result.flush()
+        result.close()  # a duplicate: fd 1 itself stays pointed at stderr
 
 
 def render_table(summary: dict) -> str:

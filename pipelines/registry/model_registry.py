@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 from models.reference import REGISTERED_ARTIFACT, RegistryRef, is_registry_ref, parse_registry_ref
@@ -39,9 +38,7 @@ def register_model(model_dir: str, name: str, run_id: str, tags: dict[str, str] 
     active = mlflow.active_run()
     same_run = active is not None and active.info.run_id == run_id
     run_ctx = contextlib.nullcontext() if same_run else mlflow.start_run(run_id=run_id, nested=active is not None)
-    with run_ctx, tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # The signature is explicit (below); MLflow's advice to type-hint `predict` instead is noise.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+    with run_ctx, tempfile.TemporaryDirectory() as tmp:
         # MLflow names a logged folder after its basename: stage it as `binding/`, the name loaders expect.
         staged = shutil.copytree(model_dir, Path(tmp) / REGISTERED_ARTIFACT)
         signature = mlflow_pyfunc.signature(model_dir)
