@@ -19,7 +19,7 @@ from models.spec import InputSpec
 from pipelines.core import storage, workspace
 from pipelines.core.config import require
 from pipelines.data.read import ReaderConfig, bytes_per_sample, read_shards, resolve_shards
-from pipelines.training.state import CHECKPOINT_PREFIX, CHECKSUMS_FILE, STATE_FILE, checksum_sizes
+from pipelines.training.state import CHECKPOINT_PREFIX, STATE_FILE, verify_checkpoint
 
 
 @dataclass(frozen=True)
@@ -86,27 +86,23 @@ def resolve_data(cfg: DataConfig) -> DataPlan:
 
 
 def checkpoint_steps(run_dir: str) -> list[str]:
-    """The run's checkpoint folders (storage paths), newest first."""
+    """The run's checkpoint folders (locations like `run_dir`), newest first."""
     fs, path = storage.filesystem(run_dir)
     if not fs.exists(path):
         return []
-    return sorted((p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)),
-                  reverse=True)
+    names = (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return [storage.join(run_dir, n) for n in sorted((n for n in names if n.startswith(CHECKPOINT_PREFIX)),
+                                                      reverse=True)]
 
 
 def newest_intact_state(run_dir: str) -> dict | None:
-    """state.json of the newest checkpoint whose files all have the sizes its checksums.json
-    records (sizes only: hashing would download every checkpoint; the worker that loads one checks
-    the hashes too). A checkpoint cut short is skipped for the one before, with a warning."""
-    fs, _ = storage.filesystem(run_dir)
+    """state.json of the newest checkpoint that matches its checksums; one cut short is skipped for
+    the one before, with a warning naming it."""
     for ckpt in checkpoint_steps(run_dir):
-        try:
-            sizes = checksum_sizes(fs.cat(f"{ckpt}/{CHECKSUMS_FILE}"))
-            if all(fs.size(f"{ckpt}/{name}") == n for name, n in sizes.items()):
-                return json.loads(fs.cat(f"{ckpt}/{STATE_FILE}"))
-            problem = "a file's size differs from its checksums.json"
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            fs, path = storage.filesystem(ckpt)
+            return json.loads(fs.cat(f"{path}/{STATE_FILE}"))
         print(f"[raybind] warning: skipping checkpoint {ckpt} ({problem})", file=sys.stderr)
     return None
 

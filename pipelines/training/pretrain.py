@@ -87,7 +87,7 @@ def open_run(cfg: PretrainConfig, run_name: str, data_lineage: dict) -> str:
     return tracking.open_job_run(cfg.mlflow, run_name, "pretrain", to_dict(cfg), data_lineage).run_id
 
 
-def finished_already(cfg: PretrainConfig, run_name: str, run_dir: str) -> dict | None:
+def finished_already(cfg: PretrainConfig, run_name: str, run_dir: str, uri: str) -> dict | None:
     """The summary of a FINISHED run of this name that already reached train.steps, else None:
     running the same command again changes nothing (raise train.steps to continue it)."""
     from mlflow.tracking import MlflowClient
@@ -96,18 +96,16 @@ def finished_already(cfg: PretrainConfig, run_name: str, run_dir: str) -> dict |
     run = MlflowClient().get_run(run_id) if run_id else None
     if run is None or run.info.status != "FINISHED":
         return None
-    recorded = run.data.tags.get(STEPS_DONE_TAG)
-    if recorded is None:  # a run finished before the tag existed: its newest checkpoint says
+    steps = run.data.tags.get(STEPS_DONE_TAG)
+    if steps is None:  # a run finished before the tag existed: its newest checkpoint says
         state = newest_intact_state(run_dir)
-        recorded = state["step"] if state else None
-    if recorded is None or int(recorded) < cfg.train.steps:
+        steps = state["step"] if state else None
+    if steps is None or int(steps) < cfg.train.steps:
         return None
-    state = {"step": int(recorded)}
-    print(f"[raybind] pretrain: run {run_name!r} already finished at step {state['step']} (MLflow run "
-          f"{run_id}); nothing to do. Raise train.steps to continue it, or pick a new train.run_name.",
-          file=sys.stderr)
-    return {"job": "pretrain", "run_name": run_name, "status": "already finished", "steps": state["step"],
-            "mlflow_run_id": run_id, "storage": run_dir, "mlflow_ui": tracking.ui_command(tracking.configure(cfg.mlflow))}
+    print(f"[raybind] pretrain: run {run_name!r} already finished at step {steps} (MLflow run {run_id}); "
+          "nothing to do. Raise train.steps to continue it, or pick a new train.run_name.", file=sys.stderr)
+    return {"job": "pretrain", "run_name": run_name, "status": "already finished", "steps": int(steps),
+            "mlflow_run_id": run_id, "storage": run_dir, "mlflow_ui": tracking.ui_command(uri)}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -160,7 +158,7 @@ def run_pretrain(cfg: PretrainConfig, dataset=None) -> dict:
     data = resolve_data(cfg.data)
     run_name, store = run_names(cfg)
     uri = tracking.configure(cfg.mlflow)
-    done = finished_already(cfg, run_name, storage.join(store, run_name))
+    done = finished_already(cfg, run_name, storage.join(store, run_name), uri)
     if done is not None:
         return done
     init_dir = resolve_init(cfg.model.init_from, uri)

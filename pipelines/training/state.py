@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.core import storage
+
 STATE_FILE = "state.json"
 CHECKSUMS_FILE = "checksums.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
@@ -56,9 +58,9 @@ def load_train_state(directory: Path, optimizer, scheduler) -> TrainState:
     return read_state(directory)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(fs, path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -66,30 +68,28 @@ def _sha256(path: Path) -> str:
 
 def write_checksums(directory: Path) -> None:
     """Record every file of a finished checkpoint folder; call it last."""
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    fs, _ = storage.filesystem(str(directory))
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(fs, str(p))}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS_FILE}
     (directory / CHECKSUMS_FILE).write_text(json.dumps({"files": files}, indent=1))
 
 
-def checksum_sizes(raw: bytes) -> dict[str, int]:
-    """{relative path: bytes} from a checksums.json; ValueError if it is not one."""
-    files = json.loads(raw)["files"]
-    return {name: int(entry["bytes"]) for name, entry in files.items()}
-
-
-def verify_checkpoint(directory: Path) -> str | None:
-    """None if the local checkpoint folder matches its checksums, else what is wrong (one line)."""
-    listing = directory / CHECKSUMS_FILE
-    if not listing.is_file():
-        return f"{directory.name}: no {CHECKSUMS_FILE} (the checkpoint was not finished)"
+def verify_checkpoint(location: str | Path) -> str | None:
+    """None if the checkpoint folder (local or s3://) matches its checksums, else what is wrong in
+    one line. The driver (data position) and the worker (weights) both ask this, so they always
+    agree on which checkpoint a run resumes from."""
+    fs, root = storage.filesystem(str(location))
+    name = root.rstrip("/").rsplit("/", 1)[-1]
     try:
-        files = json.loads(listing.read_text())["files"]
+        files = json.loads(fs.cat(f"{root}/{CHECKSUMS_FILE}"))["files"]
+    except FileNotFoundError:
+        return f"{name}: no {CHECKSUMS_FILE} (the checkpoint was not finished)"
     except (ValueError, KeyError) as exc:
-        return f"{directory.name}: unreadable {CHECKSUMS_FILE} ({exc})"
-    for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{directory.name}: {name} is missing"
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
-            return f"{directory.name}: {name} does not match its checksum (truncated or changed)"
+        return f"{name}: unreadable {CHECKSUMS_FILE} ({exc})"
+    for rel, entry in files.items():
+        path = f"{root}/{rel}"
+        if not fs.exists(path):
+            return f"{name}: {rel} is missing"
+        if fs.size(path) != entry["bytes"] or _sha256(fs, path) != entry["sha256"]:
+            return f"{name}: {rel} does not match its checksum (truncated or changed)"
     return None
