@@ -109,23 +109,16 @@ def ui_command(uri: str) -> str:
     return f"open {uri}"
 
 
-@dataclass(frozen=True)
-class JobRun:
-    """The MLflow run a training job writes to, and what became of the attempt before (if any)."""
-
-    run_id: str
-    previous_status: str | None  # None: a new run; else the status the run had when this job began
-
-
 def open_job_run(cfg: TrackingConfig, run_name: str, job: str, config: dict[str, Any],
-                 tags: Mapping[str, str]) -> JobRun:
-    """Create the run of `run_name`, or reopen it to resume; it stays RUNNING until the job ends it.
+                 tags: Mapping[str, str]) -> str:
+    """Create the run of `run_name`, or reopen it to resume; returns its id. It stays RUNNING until
+    the job ends it.
 
     An earlier attempt whose driver died left its run RUNNING (nothing could end it): it is
     recorded as killed, with a tag counting the interrupted attempts, before this attempt reopens it.
     """
     import mlflow
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -133,19 +126,18 @@ def open_job_run(cfg: TrackingConfig, run_name: str, job: str, config: dict[str,
     if run_id is None:
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         run = client.create_run(experiment.experiment_id, run_name=run_name)
-        run_id, previous = run.info.run_id, None
+        run_id = run.info.run_id
         client.log_dict(run_id, config, f"config/{job}.yaml")
         params = [Param(k, str(v)) for k, v in flatten(config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             client.log_batch(run_id, params=params[start:start + 100])
     else:
         run = client.get_run(run_id)
-        previous = run.info.status
-        if previous == "RUNNING":  # its driver died; this attempt takes over
+        if run.info.status == "RUNNING":  # its driver died; this attempt takes over
             attempts = int(run.data.tags.get(INTERRUPTED_TAG, "0")) + 1
             client.set_terminated(run_id, "KILLED")
             client.set_tag(run_id, INTERRUPTED_TAG, str(attempts))
         client.update_run(run_id, status="RUNNING")
-    for key, value in {RUN_NAME_TAG: run_name, "raybind.job": job, **tags}.items():
-        client.set_tag(run_id, key, value)
-    return JobRun(run_id, previous)
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in {RUN_NAME_TAG: run_name, "raybind.job": job,
+                                                                **tags}.items()])
+    return run_id

@@ -121,7 +121,7 @@ def run_names(cfg: FinetuneConfig) -> tuple[str, str]:
 def open_run(cfg: FinetuneConfig, run_name: str, tags: dict[str, str]) -> str:
     """Reopen the MLflow run of this run name (resume) or start one; log config, lineage, parent."""
     return tracking.open_job_run(cfg.mlflow, run_name, "finetune", to_dict(cfg),
-                                 {"raybind.task": task_title(cfg), **tags}).run_id
+                                 {"raybind.task": task_title(cfg), **tags})
 
 
 def task_title(cfg: FinetuneConfig) -> str:

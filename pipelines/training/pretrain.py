@@ -84,7 +84,7 @@ STEPS_DONE_TAG = "raybind.steps_done"  # set when a run finishes: the step its m
 
 def open_run(cfg: PretrainConfig, run_name: str, data_lineage: dict) -> str:
     """Reopen the MLflow run of this run name (resume) or start one; log config and lineage."""
-    return tracking.open_job_run(cfg.mlflow, run_name, "pretrain", to_dict(cfg), data_lineage).run_id
+    return tracking.open_job_run(cfg.mlflow, run_name, "pretrain", to_dict(cfg), data_lineage)
 
 
 def finished_already(cfg: PretrainConfig, run_name: str, run_dir: str, uri: str) -> dict | None:
